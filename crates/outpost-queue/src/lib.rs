@@ -82,6 +82,19 @@ pub struct RetryPolicy {
     pub max_attempts: Option<u32>,
 }
 
+impl RetryPolicy {
+    /// The delay before attempt `attempts + 1`: capped exponential backoff with "equal
+    /// jitter" (half fixed, half random), so many failing peers do not retry in lockstep.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        use rand::Rng;
+        let exponent = attempts.saturating_sub(1).min(30);
+        let full = self.initial_backoff.saturating_mul(1u32 << exponent).min(self.max_backoff);
+        let half = full / 2;
+        let jitter_ms = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
+        half + Duration::from_millis(jitter_ms)
+    }
+}
+
 /// What happened to a failed delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureOutcome {
@@ -104,6 +117,8 @@ pub enum FailureOutcome {
 pub struct Lease {
     /// The item.
     pub id: ItemId,
+    /// The source that received it.
+    pub source: String,
     /// What it carries.
     pub kind: ItemKind,
     /// Failed attempts so far.

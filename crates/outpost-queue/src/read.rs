@@ -124,7 +124,7 @@ impl Queue {
         self.read(move |conn, keys| {
             let head = conn
                 .prepare_cached(
-                    "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload
+                    "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload, i.source
                      FROM deliveries d JOIN items i ON i.id = d.item_id
                      WHERE d.sink = ?1 AND d.state = ?2 ORDER BY d.item_id LIMIT 1",
                 )
@@ -139,12 +139,13 @@ impl Queue {
                             r.get::<_, Option<String>>(5)?,
                             r.get::<_, Vec<u8>>(6)?,
                             r.get::<_, Vec<u8>>(7)?,
+                            r.get::<_, String>(8)?,
                         ))
                     })
                     .optional()
                 })
                 .map_err(sqlite)?;
-            let Some((id, attempts, next_attempt_at, kind, msg_type, control_id, nonce, sealed)) = head else {
+            let Some((id, attempts, next_attempt_at, kind, msg_type, control_id, nonce, sealed, source)) = head else {
                 return Ok(NextDelivery::Idle);
             };
             let wait_ms = next_attempt_at - now_ms();
@@ -154,7 +155,7 @@ impl Queue {
             let id = ItemId(id);
             let kind = kind.parse().map_err(|_| QueueError::Corrupt { id, what: "kind" })?;
             let payload = keys.open(id, &nonce, &sealed)?;
-            Ok(NextDelivery::Ready(Lease { id, kind, attempts, msg_type, control_id, payload }))
+            Ok(NextDelivery::Ready(Lease { id, source, kind, attempts, msg_type, control_id, payload }))
         })
         .await
     }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_core::{ConnectorName, ItemId};
-use rand::Rng;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -255,7 +254,7 @@ impl Writer {
                 let (state, outcome, next_at) = if *is_permanent || is_exhausted {
                     (DEAD, FailureOutcome::DeadLettered { attempts }, now)
                 } else {
-                    let delay = backoff(policy, attempts);
+                    let delay = policy.backoff(attempts);
                     (PENDING, FailureOutcome::RetryAfter { attempts, delay }, now + delay.as_millis() as i64)
                 };
                 tx.prepare_cached(
@@ -329,16 +328,6 @@ impl Writer {
     }
 }
 
-/// Capped exponential backoff with "equal jitter": half the delay is fixed, half random, so
-/// many sinks failing together do not retry in lockstep.
-fn backoff(policy: &RetryPolicy, attempts: u32) -> Duration {
-    let exponent = attempts.saturating_sub(1).min(30);
-    let full = policy.initial_backoff.saturating_mul(1u32 << exponent).min(policy.max_backoff);
-    let half = full / 2;
-    let jitter_ms = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
-    half + Duration::from_millis(jitter_ms)
-}
-
 /// Watches free space under the data directory. Intake stops below the floor, well before
 /// SQLite would hit a full disk mid-write.
 struct DiskGauge {
@@ -394,11 +383,11 @@ mod tests {
             max_attempts: None,
         };
         for _ in 0..100 {
-            let first = backoff(&policy, 1);
+            let first = policy.backoff(1);
             assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1), "{first:?}");
-            let fourth = backoff(&policy, 4);
+            let fourth = policy.backoff(4);
             assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8), "{fourth:?}");
-            let late = backoff(&policy, 40);
+            let late = policy.backoff(40);
             assert!(late >= Duration::from_secs(30) && late <= Duration::from_secs(60), "{late:?}");
         }
     }

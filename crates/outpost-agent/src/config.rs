@@ -1,0 +1,285 @@
+//! The agent's TOML config: loading, per-kind dispatch and cross-checks. Every error names
+//! the file, the key and what was expected.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost_core::ConnectorName;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::connectors::{mllp, SinkKind, SourceKind};
+use crate::ConfigError;
+
+/// A loaded, checked agent config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Queue, key file and other state; relative paths are taken from the config file's
+    /// folder, so a service started from another working directory finds the same data.
+    pub data_dir: PathBuf,
+    /// How long delivered and refused items stay searchable before purge.
+    pub retention: Duration,
+    /// Intake stops while less than this is free on the data directory's disk.
+    pub min_free_disk_bytes: u64,
+    /// How long connectors get to finish in-flight work on shutdown.
+    pub shutdown_grace: Duration,
+    /// `[[source]]` tables.
+    pub sources: Vec<SourceConfig>,
+    /// `[[sink]]` tables.
+    pub sinks: Vec<SinkConfig>,
+    /// `[[route]]` tables.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[source]]`.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Unique among sources and sinks.
+    pub name: ConnectorName,
+    /// The kind-specific settings.
+    pub kind: SourceKind,
+}
+
+/// One `[[sink]]`.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Unique among sources and sinks.
+    pub name: ConnectorName,
+    /// The kind-specific settings.
+    pub kind: SinkKind,
+}
+
+/// One `[[route]]`: items from a source go to these sinks, optionally only some HL7 types.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A source name.
+    pub from: ConnectorName,
+    /// Sink names.
+    pub to: Vec<ConnectorName>,
+    /// Only HL7 messages whose MSH-9 starts with one of these, component by component:
+    /// `"ORU^R01"` takes `ORU^R01^ORU_R01`, `"ADT"` takes every ADT. Empty takes all.
+    #[serde(default)]
+    pub msh9: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default = "default_retention_hours")]
+    retention_hours: u64,
+    #[serde(default = "default_min_free_disk_mb")]
+    min_free_disk_mb: u64,
+    #[serde(default = "default_shutdown_grace_secs")]
+    shutdown_grace_secs: u64,
+    #[serde(default)]
+    source: Vec<toml::Table>,
+    #[serde(default)]
+    sink: Vec<toml::Table>,
+    #[serde(default)]
+    route: Vec<toml::Table>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./outpost-data")
+}
+fn default_retention_hours() -> u64 {
+    24 * 7
+}
+fn default_min_free_disk_mb() -> u64 {
+    64
+}
+fn default_shutdown_grace_secs() -> u64 {
+    10
+}
+
+/// The source kinds this version knows, for error messages.
+const SOURCE_KINDS: &str = "\"mllp\"";
+/// The sink kinds this version knows, for error messages.
+const SINK_KINDS: &str = "\"mllp\"";
+
+impl AgentConfig {
+    /// Reads and checks the config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        let table: toml::Table = text.parse().map_err(|err: toml::de::Error| invalid(err.to_string().trim_end().to_owned()))?;
+        let raw: RawConfig = deserialize_at(toml::Value::Table(table), "").map_err(&invalid)?;
+
+        let mut sources = Vec::new();
+        for (index, table) in raw.source.into_iter().enumerate() {
+            let at = format!("source[{index}]");
+            let (name, kind, rest) = split_name_and_kind(table, &at, SOURCE_KINDS).map_err(&invalid)?;
+            let kind = match kind.as_str() {
+                "mllp" => SourceKind::Mllp(deserialize_at::<mllp::SourceConfig>(rest, &at).map_err(&invalid)?),
+                other => return Err(invalid(unknown_kind(&at, other, SOURCE_KINDS))),
+            };
+            sources.push(SourceConfig { name, kind });
+        }
+        let mut sinks = Vec::new();
+        for (index, table) in raw.sink.into_iter().enumerate() {
+            let at = format!("sink[{index}]");
+            let (name, kind, rest) = split_name_and_kind(table, &at, SINK_KINDS).map_err(&invalid)?;
+            let kind = match kind.as_str() {
+                "mllp" => SinkKind::Mllp(deserialize_at::<mllp::SinkConfig>(rest, &at).map_err(&invalid)?),
+                other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
+            };
+            sinks.push(SinkConfig { name, kind });
+        }
+        let mut routes = Vec::new();
+        for (index, table) in raw.route.into_iter().enumerate() {
+            routes.push(deserialize_at::<RouteConfig>(toml::Value::Table(table), &format!("route[{index}]")).map_err(&invalid)?);
+        }
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let config = AgentConfig {
+            path: path.to_owned(),
+            data_dir: if raw.data_dir.is_absolute() { raw.data_dir } else { base.join(raw.data_dir) },
+            retention: Duration::from_secs(raw.retention_hours.saturating_mul(3600)),
+            min_free_disk_bytes: raw.min_free_disk_mb.saturating_mul(1024 * 1024),
+            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
+            sources,
+            sinks,
+            routes,
+        };
+        config.check().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Cross-checks that no single table can see: unique names, routes that point at real
+    /// connectors, one listener per address, and `ack = "on_delivery"` leading to exactly
+    /// one sink that can return an acknowledgement.
+    fn check(&self) -> Result<(), String> {
+        let mut names = HashSet::new();
+        for (index, name) in self.sources.iter().map(|s| &s.name).enumerate() {
+            if !names.insert(name.clone()) {
+                return Err(format!("key `source[{index}].name`: \"{name}\" is already used by another connector; names must be unique"));
+            }
+        }
+        for (index, name) in self.sinks.iter().map(|s| &s.name).enumerate() {
+            if !names.insert(name.clone()) {
+                return Err(format!("key `sink[{index}].name`: \"{name}\" is already used by another connector; names must be unique"));
+            }
+        }
+        let mut listeners: HashMap<std::net::SocketAddr, &ConnectorName> = HashMap::new();
+        for (index, source) in self.sources.iter().enumerate() {
+            if let Some(addr) = source.kind.listen_addr() {
+                if let Some(other) = listeners.insert(addr, &source.name) {
+                    return Err(format!("key `source[{index}].listen`: {addr} is already the listen address of source \"{other}\""));
+                }
+            }
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            if !self.sources.iter().any(|s| s.name == route.from) {
+                return Err(format!("key `route[{index}].from`: expected the name of a [[source]], found \"{}\"", route.from));
+            }
+            if route.to.is_empty() {
+                return Err(format!("key `route[{index}].to`: expected at least one sink name"));
+            }
+            for (to_index, to) in route.to.iter().enumerate() {
+                if !self.sinks.iter().any(|s| &s.name == to) {
+                    return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
+                }
+            }
+            for (filter_index, filter) in route.msh9.iter().enumerate() {
+                if filter.is_empty() || filter.split('^').any(str::is_empty) {
+                    return Err(format!(
+                        "key `route[{index}].msh9[{filter_index}]`: expected a message type like \"ORU^R01\" or \"ADT\", found {filter:?}"
+                    ));
+                }
+            }
+        }
+        for (index, source) in self.sources.iter().enumerate() {
+            let targets: HashSet<&ConnectorName> =
+                self.routes.iter().filter(|r| r.from == source.name).flat_map(|r| r.to.iter()).collect();
+            if targets.is_empty() {
+                return Err(format!(
+                    "source[{index}] (\"{}\"): no [[route]] has from = \"{}\"; every message would be refused",
+                    source.name, source.name
+                ));
+            }
+            if source.kind.acks_on_delivery() {
+                let returns_acks = targets.len() == 1
+                    && targets.iter().all(|t| self.sinks.iter().any(|s| &&s.name == t && s.kind.returns_acks()));
+                if !returns_acks {
+                    return Err(format!(
+                        "key `source[{index}].ack`: \"on_delivery\" needs the source's routes to lead to exactly one mllp sink (whose acknowledgement is passed back), found {}",
+                        targets.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The sinks an item from `source` of HL7 type `msh9` goes to, each once, in config order.
+    pub fn sinks_for(&self, source: &ConnectorName, msh9: Option<&str>) -> Vec<ConnectorName> {
+        let mut sinks: Vec<ConnectorName> = Vec::new();
+        for route in self.routes.iter().filter(|r| &r.from == source) {
+            let is_accepted = route.msh9.is_empty() || msh9.is_some_and(|t| route.msh9.iter().any(|f| msh9_matches(f, t)));
+            if is_accepted {
+                for sink in &route.to {
+                    if !sinks.contains(sink) {
+                        sinks.push(sink.clone());
+                    }
+                }
+            }
+        }
+        sinks
+    }
+}
+
+/// `filter` matches `msh9` when each of its components equals the message's component at
+/// the same place: `ORU^R01` matches `ORU^R01^ORU_R01`, but not `ORU^R011`.
+pub fn msh9_matches(filter: &str, msh9: &str) -> bool {
+    let mut actual = msh9.split('^');
+    filter.split('^').all(|wanted| actual.next() == Some(wanted))
+}
+
+fn split_name_and_kind(mut table: toml::Table, at: &str, kinds: &str) -> Result<(ConnectorName, String, toml::Value), String> {
+    let name = match table.remove("name") {
+        None => return Err(format!("key `{at}.name`: missing; expected a name like \"lab-in\"")),
+        Some(value) => deserialize_at::<ConnectorName>(value, &format!("{at}.name"))?,
+    };
+    let kind = match table.remove("kind") {
+        None => return Err(format!("key `{at}.kind` (\"{name}\"): missing; expected one of {kinds}")),
+        Some(toml::Value::String(kind)) => kind,
+        Some(other) => return Err(format!("key `{at}.kind` (\"{name}\"): expected one of {kinds}, found {}", other.type_str())),
+    };
+    Ok((name, kind, toml::Value::Table(table)))
+}
+
+fn unknown_kind(at: &str, found: &str, kinds: &str) -> String {
+    format!("key `{at}.kind`: expected one of {kinds}, found \"{found}\"")
+}
+
+/// Deserializes `value`, naming the exact key that failed (prefixed by `at`).
+fn deserialize_at<T: DeserializeOwned>(value: toml::Value, at: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let inner = err.path().to_string();
+        let key = match (at.is_empty(), inner.as_str()) {
+            (true, ".") => String::new(),
+            (true, inner) => inner.to_owned(),
+            (false, ".") => at.to_owned(),
+            (false, inner) => format!("{at}.{inner}"),
+        };
+        if key.is_empty() {
+            err.inner().to_string()
+        } else {
+            format!("key `{key}`: {}", err.inner())
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,70 @@
+//! Agent errors: config problems name the file and key; runtime problems name the connector.
+
+use std::path::PathBuf;
+
+/// A config file that cannot be used. The message names the file, the key and what was
+/// expected, so the practice's IT can fix it without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key of the wrong shape.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Names the key and what was expected.
+        message: String,
+    },
+}
+
+/// A failure while running the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The queue failed.
+    #[error(transparent)]
+    Queue(#[from] outpost_queue::QueueError),
+    /// A connector could not start.
+    #[error("{kind} \"{name}\": {message}")]
+    Connector {
+        /// `source` or `sink`.
+        kind: &'static str,
+        /// The connector.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A failure inside one running connector; the supervisor logs it and restarts the connector.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// Binding the listen address failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("accept on {addr}: {source}")]
+    Accept {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The queue failed.
+    #[error(transparent)]
+    Queue(#[from] outpost_queue::QueueError),
+}

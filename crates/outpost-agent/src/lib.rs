@@ -1,0 +1,219 @@
+//! The Outpost agent: loads the config, opens the queue, and runs every source and sink
+//! under a supervisor that restarts a failing connector with backoff and stops them all
+//! cleanly on shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connectors;
+mod error;
+pub mod health;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_core::ConnectorName;
+use outpost_queue::{Queue, QueueOptions, RetryPolicy};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use config::AgentConfig;
+use connectors::{mllp, SinkContext, SinkKind, SourceContext, SourceKind};
+pub use error::{AgentError, ConfigError, ConnectorError};
+pub use health::{ConnectorState, ConnectorStatus, Health};
+use watch::DeliveryWatch;
+
+/// How often delivered items past their retention are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Restart backoff for a connector whose task failed.
+const RESTART_POLICY: RetryPolicy = RetryPolicy {
+    initial_backoff: Duration::from_millis(500),
+    max_backoff: Duration::from_secs(60),
+    max_attempts: None,
+};
+
+/// An agent that has started: listeners are bound and every connector is running.
+pub struct RunningAgent {
+    /// The queue, for inspection while running.
+    pub queue: Queue,
+    /// Connector status.
+    pub health: Health,
+    /// Where each listening source is bound.
+    pub listeners: Vec<(ConnectorName, SocketAddr)>,
+    shutdown: CancellationToken,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Waits until the agent has stopped (after `shutdown` is cancelled).
+    pub async fn wait(self) {
+        let _ = self.supervisor.await;
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Opens the queue, binds every listener and starts every connector. Errors here (a bad
+/// data directory, a port in use) are start-up errors; later connector failures are
+/// logged and the connector restarted.
+pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<RunningAgent, AgentError> {
+    let config = Arc::new(config);
+    let options = QueueOptions { min_free_disk_bytes: config.min_free_disk_bytes, ..QueueOptions::default() };
+    let data_dir = config.data_dir.clone();
+    let queue = tokio::task::spawn_blocking(move || Queue::open(&data_dir, options))
+        .await
+        .map_err(|_| AgentError::Queue(outpost_queue::QueueError::Closed))??;
+    let health = Health::default();
+    let deliveries = DeliveryWatch::default();
+    let mut tasks = JoinSet::new();
+    let mut listeners = Vec::new();
+
+    for source in &config.sources {
+        health.register(&source.name, "source", source.kind.kind_name());
+        let cx = SourceContext {
+            name: source.name.clone(),
+            queue: queue.clone(),
+            config: config.clone(),
+            deliveries: deliveries.clone(),
+            health: health.clone(),
+            shutdown: shutdown.child_token(),
+        };
+        match &source.kind {
+            SourceKind::Mllp(mllp_config) => {
+                let listener = mllp::bind_source(mllp_config).await.map_err(|err| AgentError::Connector {
+                    kind: "source",
+                    name: source.name.to_string(),
+                    message: err.to_string(),
+                })?;
+                if let Ok(addr) = listener.local_addr() {
+                    listeners.push((source.name.clone(), addr));
+                }
+                let mllp_config = mllp_config.clone();
+                // The listener bound above serves the first run; a restart binds again.
+                let bound = Arc::new(std::sync::Mutex::new(Some(listener)));
+                let span = tracing::info_span!("connector", name = %source.name, kind = "mllp");
+                let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                tasks.spawn(
+                    supervise(name, health, stop, "source", move || {
+                        let (mllp_config, cx, bound) = (mllp_config.clone(), cx.clone(), bound.clone());
+                        async move {
+                            let reused = bound.lock().ok().and_then(|mut slot| slot.take());
+                            let listener = match reused {
+                                Some(listener) => listener,
+                                None => mllp::bind_source(&mllp_config).await?,
+                            };
+                            mllp::run_source(mllp_config, listener, cx).await
+                        }
+                    })
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    let on_delivery: Vec<ConnectorName> =
+        config.sources.iter().filter(|s| s.kind.acks_on_delivery()).map(|s| s.name.clone()).collect();
+    for sink in &config.sinks {
+        health.register(&sink.name, "sink", sink.kind.kind_name());
+        let cx = SinkContext {
+            name: sink.name.clone(),
+            queue: queue.clone(),
+            ack_on_delivery_sources: on_delivery.clone(),
+            deliveries: deliveries.clone(),
+            health: health.clone(),
+            shutdown: shutdown.child_token(),
+        };
+        match &sink.kind {
+            SinkKind::Mllp(mllp_config) => {
+                let mllp_config = mllp_config.clone();
+                let span = tracing::info_span!("connector", name = %sink.name, kind = "mllp");
+                let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                tasks.spawn(
+                    supervise(name, health, stop, "sink", move || mllp::run_sink(mllp_config.clone(), cx.clone()))
+                        .instrument(span),
+                );
+            }
+        }
+    }
+
+    let purge_queue = queue.clone();
+    let retention = config.retention;
+    let purge_stop = shutdown.child_token();
+    tasks.spawn(async move { purge_periodically(purge_queue, retention, purge_stop).await });
+
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        sources = config.sources.len(),
+        sinks = config.sinks.len(),
+        "agent started"
+    );
+    let supervisor_queue = queue.clone();
+    let grace = config.shutdown_grace;
+    let supervisor_shutdown = shutdown.clone();
+    let supervisor = tokio::spawn(async move {
+        supervisor_shutdown.cancelled().await;
+        tracing::info!(grace_secs = grace.as_secs(), "stopping: finishing in-flight messages");
+        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("connectors did not stop within the grace period; aborting them (unacknowledged messages will be resent by their senders)");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        if let Err(err) = supervisor_queue.close().await {
+            tracing::warn!(error = %err, "closing the queue");
+        }
+        tracing::info!("agent stopped");
+    });
+    Ok(RunningAgent { queue, health, listeners, shutdown, supervisor })
+}
+
+/// Runs a connector, restarting it with backoff whenever it fails, until shutdown.
+async fn supervise<F, Fut>(name: ConnectorName, health: Health, shutdown: CancellationToken, role: &'static str, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ConnectorError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        match run().await {
+            Ok(()) => break,
+            Err(_) if shutdown.is_cancelled() => break,
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                let delay = RESTART_POLICY.backoff(failures);
+                tracing::error!(role, error = %err, restart_in_ms = delay.as_millis() as u64, "connector failed; restarting");
+                health.record_failure(&name, &err.to_string());
+                health.set_state(&name, ConnectorState::BackingOff);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn purge_periodically(queue: Queue, retention: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        match queue.purge(retention).await {
+            Ok(report) if report.items > 0 => {
+                tracing::info!(items = report.items, pages_freed = report.pages_freed, "purged delivered items past retention");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "purge failed"),
+        }
+    }
+}
