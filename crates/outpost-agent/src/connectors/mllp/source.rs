@@ -39,7 +39,7 @@ pub async fn run_source(config: SourceConfig, listener: TcpListener, cx: SourceC
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let mut connections = JoinSet::new();
-    let listen = config.listen.0;
+    let listen = listener.local_addr().unwrap_or(config.listen.0);
     tracing::info!(%listen, "mllp source listening");
     cx.health.set_state(&cx.name, ConnectorState::Running);
     loop {

@@ -1,0 +1,129 @@
+//! `outpost`: parse the command line, set up logging, dispatch, turn the result into an
+//! exit code.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod demo;
+mod downstream;
+mod inspect;
+mod samples;
+mod signals;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_agent::AgentConfig;
+
+/// Outpost: the on-premise gateway between a practice's systems and its vendors.
+#[derive(Parser)]
+#[command(name = "outpost", version, about)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `outpost_agent=debug` (RUST_LOG also works).
+    /// Default: `info` for the agent, `warn` for the tools, whose output is the report.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or Ctrl-C.
+    Agent {
+        /// The agent's TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run an agent, a downstream MLLP server and a sender on loopback, and show where the
+    /// messages went.
+    Demo {
+        /// Stop by itself after this long, e.g. `30s` (default: run until Ctrl-C).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        run_for: Option<Duration>,
+        /// Where the demo keeps its queue.
+        #[arg(long, default_value = "./outpost-demo")]
+        data_dir: PathBuf,
+    },
+    /// Inspect the queue: depth per sink, dead letters, retries.
+    Queue {
+        /// The agent's TOML config (its data_dir holds the queue).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: inspect::QueueAction,
+    },
+    /// HL7 tools.
+    Hl7 {
+        #[command(subcommand)]
+        action: inspect::Hl7Action,
+    },
+    /// End-to-end benchmarks that print figures beside a reference peer.
+    Bench {
+        #[command(subcommand)]
+        target: bench::BenchTarget,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Agent { .. } => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log.as_deref().unwrap_or(default_filter));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Agent { config } => run_agent(config).await,
+        Command::Demo { run_for, data_dir } => demo::run(run_for, data_dir).await,
+        Command::Queue { config, action } => inspect::queue(&load_config(&config)?, action).await,
+        Command::Hl7 { action } => inspect::hl7(action).await,
+        Command::Bench { target } => bench::run(target).await,
+    }
+}
+
+async fn run_agent(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = load_config(&config_path)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let agent = outpost_agent::start(config, shutdown.clone()).await.context("agent could not start")?;
+    for (name, addr) in &agent.listeners {
+        tracing::info!(source = %name, %addr, "listening");
+    }
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signals::shutdown_requested().await;
+        stop.cancel();
+    });
+    agent.wait().await;
+    Ok(())
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
+    Ok(AgentConfig::load(path)?)
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
