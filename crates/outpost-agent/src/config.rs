@@ -106,22 +106,33 @@ const SINK_KINDS: &str = "\"mllp\"";
 impl AgentConfig {
     /// Reads and checks the config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses config text; `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
-        let table: toml::Table = text.parse().map_err(|err: toml::de::Error| invalid(err.to_string().trim_end().to_owned()))?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let table: toml::Table = text
+            .parse()
+            .map_err(|err: toml::de::Error| invalid(err.to_string().trim_end().to_owned()))?;
         let raw: RawConfig = deserialize_at(toml::Value::Table(table), "").map_err(&invalid)?;
 
         let mut sources = Vec::new();
         for (index, table) in raw.source.into_iter().enumerate() {
             let at = format!("source[{index}]");
-            let (name, kind, rest) = split_name_and_kind(table, &at, SOURCE_KINDS).map_err(&invalid)?;
+            let (name, kind, rest) =
+                split_name_and_kind(table, &at, SOURCE_KINDS).map_err(&invalid)?;
             let kind = match kind.as_str() {
-                "mllp" => SourceKind::Mllp(deserialize_at::<mllp::SourceConfig>(rest, &at).map_err(&invalid)?),
+                "mllp" => SourceKind::Mllp(
+                    deserialize_at::<mllp::SourceConfig>(rest, &at).map_err(&invalid)?,
+                ),
                 other => return Err(invalid(unknown_kind(&at, other, SOURCE_KINDS))),
             };
             sources.push(SourceConfig { name, kind });
@@ -129,22 +140,35 @@ impl AgentConfig {
         let mut sinks = Vec::new();
         for (index, table) in raw.sink.into_iter().enumerate() {
             let at = format!("sink[{index}]");
-            let (name, kind, rest) = split_name_and_kind(table, &at, SINK_KINDS).map_err(&invalid)?;
+            let (name, kind, rest) =
+                split_name_and_kind(table, &at, SINK_KINDS).map_err(&invalid)?;
             let kind = match kind.as_str() {
-                "mllp" => SinkKind::Mllp(deserialize_at::<mllp::SinkConfig>(rest, &at).map_err(&invalid)?),
+                "mllp" => {
+                    SinkKind::Mllp(deserialize_at::<mllp::SinkConfig>(rest, &at).map_err(&invalid)?)
+                }
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
             sinks.push(SinkConfig { name, kind });
         }
         let mut routes = Vec::new();
         for (index, table) in raw.route.into_iter().enumerate() {
-            routes.push(deserialize_at::<RouteConfig>(toml::Value::Table(table), &format!("route[{index}]")).map_err(&invalid)?);
+            routes.push(
+                deserialize_at::<RouteConfig>(
+                    toml::Value::Table(table),
+                    &format!("route[{index}]"),
+                )
+                .map_err(&invalid)?,
+            );
         }
 
         let base = path.parent().unwrap_or(Path::new("."));
         let config = AgentConfig {
             path: path.to_owned(),
-            data_dir: if raw.data_dir.is_absolute() { raw.data_dir } else { base.join(raw.data_dir) },
+            data_dir: if raw.data_dir.is_absolute() {
+                raw.data_dir
+            } else {
+                base.join(raw.data_dir)
+            },
             retention: Duration::from_secs(raw.retention_hours.saturating_mul(3600)),
             min_free_disk_bytes: raw.min_free_disk_mb.saturating_mul(1024 * 1024),
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
@@ -181,10 +205,15 @@ impl AgentConfig {
         }
         for (index, route) in self.routes.iter().enumerate() {
             if !self.sources.iter().any(|s| s.name == route.from) {
-                return Err(format!("key `route[{index}].from`: expected the name of a [[source]], found \"{}\"", route.from));
+                return Err(format!(
+                    "key `route[{index}].from`: expected the name of a [[source]], found \"{}\"",
+                    route.from
+                ));
             }
             if route.to.is_empty() {
-                return Err(format!("key `route[{index}].to`: expected at least one sink name"));
+                return Err(format!(
+                    "key `route[{index}].to`: expected at least one sink name"
+                ));
             }
             for (to_index, to) in route.to.iter().enumerate() {
                 if !self.sinks.iter().any(|s| &s.name == to) {
@@ -200,8 +229,12 @@ impl AgentConfig {
             }
         }
         for (index, source) in self.sources.iter().enumerate() {
-            let targets: HashSet<&ConnectorName> =
-                self.routes.iter().filter(|r| r.from == source.name).flat_map(|r| r.to.iter()).collect();
+            let targets: HashSet<&ConnectorName> = self
+                .routes
+                .iter()
+                .filter(|r| r.from == source.name)
+                .flat_map(|r| r.to.iter())
+                .collect();
             if targets.is_empty() {
                 return Err(format!(
                     "source[{index}] (\"{}\"): no [[route]] has from = \"{}\"; every message would be refused",
@@ -210,7 +243,11 @@ impl AgentConfig {
             }
             if source.kind.acks_on_delivery() {
                 let returns_acks = targets.len() == 1
-                    && targets.iter().all(|t| self.sinks.iter().any(|s| &&s.name == t && s.kind.returns_acks()));
+                    && targets.iter().all(|t| {
+                        self.sinks
+                            .iter()
+                            .any(|s| &&s.name == t && s.kind.returns_acks())
+                    });
                 if !returns_acks {
                     return Err(format!(
                         "key `source[{index}].ack`: \"on_delivery\" needs the source's routes to lead to exactly one mllp sink (whose acknowledgement is passed back), found {}",
@@ -226,7 +263,8 @@ impl AgentConfig {
     pub fn sinks_for(&self, source: &ConnectorName, msh9: Option<&str>) -> Vec<ConnectorName> {
         let mut sinks: Vec<ConnectorName> = Vec::new();
         for route in self.routes.iter().filter(|r| &r.from == source) {
-            let is_accepted = route.msh9.is_empty() || msh9.is_some_and(|t| route.msh9.iter().any(|f| msh9_matches(f, t)));
+            let is_accepted = route.msh9.is_empty()
+                || msh9.is_some_and(|t| route.msh9.iter().any(|f| msh9_matches(f, t)));
             if is_accepted {
                 for sink in &route.to {
                     if !sinks.contains(sink) {
@@ -243,18 +281,37 @@ impl AgentConfig {
 /// the same place: `ORU^R01` matches `ORU^R01^ORU_R01`, but not `ORU^R011`.
 pub fn msh9_matches(filter: &str, msh9: &str) -> bool {
     let mut actual = msh9.split('^');
-    filter.split('^').all(|wanted| actual.next() == Some(wanted))
+    filter
+        .split('^')
+        .all(|wanted| actual.next() == Some(wanted))
 }
 
-fn split_name_and_kind(mut table: toml::Table, at: &str, kinds: &str) -> Result<(ConnectorName, String, toml::Value), String> {
+fn split_name_and_kind(
+    mut table: toml::Table,
+    at: &str,
+    kinds: &str,
+) -> Result<(ConnectorName, String, toml::Value), String> {
     let name = match table.remove("name") {
-        None => return Err(format!("key `{at}.name`: missing; expected a name like \"lab-in\"")),
+        None => {
+            return Err(format!(
+                "key `{at}.name`: missing; expected a name like \"lab-in\""
+            ))
+        }
         Some(value) => deserialize_at::<ConnectorName>(value, &format!("{at}.name"))?,
     };
     let kind = match table.remove("kind") {
-        None => return Err(format!("key `{at}.kind` (\"{name}\"): missing; expected one of {kinds}")),
+        None => {
+            return Err(format!(
+                "key `{at}.kind` (\"{name}\"): missing; expected one of {kinds}"
+            ))
+        }
         Some(toml::Value::String(kind)) => kind,
-        Some(other) => return Err(format!("key `{at}.kind` (\"{name}\"): expected one of {kinds}, found {}", other.type_str())),
+        Some(other) => {
+            return Err(format!(
+                "key `{at}.kind` (\"{name}\"): expected one of {kinds}, found {}",
+                other.type_str()
+            ))
+        }
     };
     Ok((name, kind, toml::Value::Table(table)))
 }

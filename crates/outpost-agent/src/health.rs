@@ -59,7 +59,14 @@ impl Health {
         if let Ok(mut map) = self.connectors.lock() {
             map.insert(
                 name.clone(),
-                ConnectorStatus { role, kind, state: ConnectorState::Starting, last_error: None, items: 0, failures: 0 },
+                ConnectorStatus {
+                    role,
+                    kind,
+                    state: ConnectorState::Starting,
+                    last_error: None,
+                    items: 0,
+                    failures: 0,
+                },
             );
         }
     }

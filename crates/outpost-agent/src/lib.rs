@@ -64,9 +64,15 @@ impl RunningAgent {
 /// Opens the queue, binds every listener and starts every connector. Errors here (a bad
 /// data directory, a port in use) are start-up errors; later connector failures are
 /// logged and the connector restarted.
-pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<RunningAgent, AgentError> {
+pub async fn start(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningAgent, AgentError> {
     let config = Arc::new(config);
-    let options = QueueOptions { min_free_disk_bytes: config.min_free_disk_bytes, ..QueueOptions::default() };
+    let options = QueueOptions {
+        min_free_disk_bytes: config.min_free_disk_bytes,
+        ..QueueOptions::default()
+    };
     let data_dir = config.data_dir.clone();
     let queue = tokio::task::spawn_blocking(move || Queue::open(&data_dir, options))
         .await
@@ -88,11 +94,14 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
         };
         match &source.kind {
             SourceKind::Mllp(mllp_config) => {
-                let listener = mllp::bind_source(mllp_config).await.map_err(|err| AgentError::Connector {
-                    kind: "source",
-                    name: source.name.to_string(),
-                    message: err.to_string(),
-                })?;
+                let listener =
+                    mllp::bind_source(mllp_config)
+                        .await
+                        .map_err(|err| AgentError::Connector {
+                            kind: "source",
+                            name: source.name.to_string(),
+                            message: err.to_string(),
+                        })?;
                 if let Ok(addr) = listener.local_addr() {
                     listeners.push((source.name.clone(), addr));
                 }
@@ -100,10 +109,12 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
                 // The listener bound above serves the first run; a restart binds again.
                 let bound = Arc::new(std::sync::Mutex::new(Some(listener)));
                 let span = tracing::info_span!("connector", name = %source.name, kind = "mllp");
-                let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let (name, health, stop) =
+                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
                 tasks.spawn(
                     supervise(name, health, stop, "source", move || {
-                        let (mllp_config, cx, bound) = (mllp_config.clone(), cx.clone(), bound.clone());
+                        let (mllp_config, cx, bound) =
+                            (mllp_config.clone(), cx.clone(), bound.clone());
                         async move {
                             let reused = bound.lock().ok().and_then(|mut slot| slot.take());
                             let listener = match reused {
@@ -119,8 +130,12 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
         }
     }
 
-    let on_delivery: Vec<ConnectorName> =
-        config.sources.iter().filter(|s| s.kind.acks_on_delivery()).map(|s| s.name.clone()).collect();
+    let on_delivery: Vec<ConnectorName> = config
+        .sources
+        .iter()
+        .filter(|s| s.kind.acks_on_delivery())
+        .map(|s| s.name.clone())
+        .collect();
     for sink in &config.sinks {
         health.register(&sink.name, "sink", sink.kind.kind_name());
         let cx = SinkContext {
@@ -135,10 +150,13 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
             SinkKind::Mllp(mllp_config) => {
                 let mllp_config = mllp_config.clone();
                 let span = tracing::info_span!("connector", name = %sink.name, kind = "mllp");
-                let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let (name, health, stop) =
+                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
                 tasks.spawn(
-                    supervise(name, health, stop, "sink", move || mllp::run_sink(mllp_config.clone(), cx.clone()))
-                        .instrument(span),
+                    supervise(name, health, stop, "sink", move || {
+                        mllp::run_sink(mllp_config.clone(), cx.clone())
+                    })
+                    .instrument(span),
                 );
             }
         }
@@ -160,8 +178,12 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
     let supervisor_shutdown = shutdown.clone();
     let supervisor = tokio::spawn(async move {
         supervisor_shutdown.cancelled().await;
-        tracing::info!(grace_secs = grace.as_secs(), "stopping: finishing in-flight messages");
-        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "stopping: finishing in-flight messages"
+        );
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("connectors did not stop within the grace period; aborting them (unacknowledged messages will be resent by their senders)");
             tasks.abort_all();
@@ -172,12 +194,23 @@ pub async fn start(config: AgentConfig, shutdown: CancellationToken) -> Result<R
         }
         tracing::info!("agent stopped");
     });
-    Ok(RunningAgent { queue, health, listeners, shutdown, supervisor })
+    Ok(RunningAgent {
+        queue,
+        health,
+        listeners,
+        shutdown,
+        supervisor,
+    })
 }
 
 /// Runs a connector, restarting it with backoff whenever it fails, until shutdown.
-async fn supervise<F, Fut>(name: ConnectorName, health: Health, shutdown: CancellationToken, role: &'static str, mut run: F)
-where
+async fn supervise<F, Fut>(
+    name: ConnectorName,
+    health: Health,
+    shutdown: CancellationToken,
+    role: &'static str,
+    mut run: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), ConnectorError>>,
 {
@@ -210,7 +243,11 @@ async fn purge_periodically(queue: Queue, retention: Duration, shutdown: Cancell
         }
         match queue.purge(retention).await {
             Ok(report) if report.items > 0 => {
-                tracing::info!(items = report.items, pages_freed = report.pages_freed, "purged delivered items past retention");
+                tracing::info!(
+                    items = report.items,
+                    pages_freed = report.pages_freed,
+                    "purged delivered items past retention"
+                );
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "purge failed"),

@@ -40,7 +40,9 @@ impl DeliveryWatch {
     /// Waits for the outcome of item `id`.
     pub fn expect(&self, id: ItemId) -> oneshot::Receiver<DeliveryOutcome> {
         let (tx, rx) = oneshot::channel();
-        let Ok(mut slots) = self.slots.lock() else { return rx };
+        let Ok(mut slots) = self.slots.lock() else {
+            return rx;
+        };
         match slots.remove(&id) {
             Some(Slot::Done(outcome, _)) => {
                 let _ = tx.send(outcome);
@@ -54,13 +56,17 @@ impl DeliveryWatch {
 
     /// Records the outcome of item `id` for a source that waits for it.
     pub fn complete(&self, id: ItemId, outcome: DeliveryOutcome) {
-        let Ok(mut slots) = self.slots.lock() else { return };
+        let Ok(mut slots) = self.slots.lock() else {
+            return;
+        };
         match slots.remove(&id) {
             Some(Slot::Waiting(tx)) => {
                 let _ = tx.send(outcome);
             }
             Some(Slot::Done(..)) | None => {
-                slots.retain(|_, slot| !matches!(slot, Slot::Done(_, at) if at.elapsed() > UNCLAIMED_TTL));
+                slots.retain(
+                    |_, slot| !matches!(slot, Slot::Done(_, at) if at.elapsed() > UNCLAIMED_TTL),
+                );
                 slots.insert(id, Slot::Done(outcome, Instant::now()));
             }
         }
@@ -82,7 +88,10 @@ mod tests {
     async fn an_outcome_reaches_a_waiter_that_came_first_or_second() {
         let watch = DeliveryWatch::default();
         let early = watch.expect(ItemId(1));
-        watch.complete(ItemId(1), DeliveryOutcome::Delivered(Bytes::from_static(b"ack1")));
+        watch.complete(
+            ItemId(1),
+            DeliveryOutcome::Delivered(Bytes::from_static(b"ack1")),
+        );
         assert!(matches!(early.await.unwrap(), DeliveryOutcome::Delivered(b) if b == "ack1"));
 
         watch.complete(ItemId(2), DeliveryOutcome::DeadLettered("AR".into()));

@@ -40,7 +40,11 @@ pub enum BenchTarget {
 
 /// Runs a benchmark and prints its figures.
 pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
-    let BenchTarget::Hl7 { messages, connections, python } = target;
+    let BenchTarget::Hl7 {
+        messages,
+        connections,
+        python,
+    } = target;
     let connections = connections.max(1);
     let work = tempfile::tempdir()?;
     let downstream = Downstream::start(None).await?;
@@ -63,9 +67,11 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
         .stderr(std::fs::File::create(work.path().join("agent.log"))?)
         .spawn()
         .context("starting the agent")?;
-    let agent_result = measure_agent(&mut agent, source_addr, messages, connections, &downstream).await;
+    let agent_result =
+        measure_agent(&mut agent, source_addr, messages, connections, &downstream).await;
     stop(&mut agent);
-    let agent_figures = agent_result.with_context(|| format!("agent log: {}", tail(&work.path().join("agent.log"))))?;
+    let agent_figures = agent_result
+        .with_context(|| format!("agent log: {}", tail(&work.path().join("agent.log"))))?;
 
     let peer_addr = free_loopback_addr()?;
     let script = work.path().join("pyhl7_mllp_server.py");
@@ -85,14 +91,33 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
     }
     .await;
     stop(&mut peer);
-    let peer_figures = peer_result.with_context(|| format!("python-hl7 peer log: {}", tail(&work.path().join("peer.log"))))?;
+    let peer_figures = peer_result.with_context(|| {
+        format!(
+            "python-hl7 peer log: {}",
+            tail(&work.path().join("peer.log"))
+        )
+    })?;
 
     let fsyncs = fsync_rate(work.path())?;
-    let AgentFigures { load, drained_after, rss_idle_kb, rss_load_kb } = agent_figures;
+    let AgentFigures {
+        load,
+        drained_after,
+        rss_idle_kb,
+        rss_load_kb,
+    } = agent_figures;
     println!("agent: {} acknowledged, {} errors in {:.2} s; downstream had all of them {:.2} s after the first", load.acked, load.errors, load.elapsed.as_secs_f64(), drained_after.as_secs_f64());
-    println!("peer python-hl7: {} acknowledged, {} errors in {:.2} s", peer_figures.acked, peer_figures.errors, peer_figures.elapsed.as_secs_f64());
+    println!(
+        "peer python-hl7: {} acknowledged, {} errors in {:.2} s",
+        peer_figures.acked,
+        peer_figures.errors,
+        peer_figures.elapsed.as_secs_f64()
+    );
     println!("disk: {fsyncs:.0} fsync/s on this machine (one fsync per message would cap the agent there; group commit is what lifts it)");
-    println!("memory: agent RSS idle {} | under load {}", mb(rss_idle_kb), mb(rss_load_kb));
+    println!(
+        "memory: agent RSS idle {} | under load {}",
+        mb(rss_idle_kb),
+        mb(rss_load_kb)
+    );
     let ratio = load.rate() / peer_figures.rate().max(f64::MIN_POSITIVE);
     println!(
         "hl7: {:.0} msg/s p50 {:.2} ms p99 {:.2} ms | peer python-hl7: {:.0} msg/s | ratio {:.2}",
@@ -143,11 +168,20 @@ async fn measure_agent(
     let deadline = Instant::now() + Duration::from_secs(120);
     while downstream.count.load(Ordering::Relaxed) < load.acked as u64 {
         if Instant::now() > deadline {
-            bail!("downstream received {} of {} acknowledged messages within 120 s", downstream.count.load(Ordering::Relaxed), load.acked);
+            bail!(
+                "downstream received {} of {} acknowledged messages within 120 s",
+                downstream.count.load(Ordering::Relaxed),
+                load.acked
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(AgentFigures { load, drained_after: started.elapsed(), rss_idle_kb, rss_load_kb })
+    Ok(AgentFigures {
+        load,
+        drained_after: started.elapsed(),
+        rss_idle_kb,
+        rss_load_kb,
+    })
 }
 
 struct LoadFigures {
@@ -172,7 +206,12 @@ impl LoadFigures {
 }
 
 /// Sends `messages` over `connections` persistent connections, each waiting for its ACK.
-async fn drive(label: &str, addr: SocketAddr, messages: usize, connections: usize) -> anyhow::Result<LoadFigures> {
+async fn drive(
+    label: &str,
+    addr: SocketAddr,
+    messages: usize,
+    connections: usize,
+) -> anyhow::Result<LoadFigures> {
     let progress = ProgressBar::new(messages as u64);
     progress.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec}")
@@ -185,7 +224,12 @@ async fn drive(label: &str, addr: SocketAddr, messages: usize, connections: usiz
     for connection in 0..connections {
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = MllpClient::connect(addr, Duration::from_secs(5), outpost_mllp::DEFAULT_MAX_FRAME_BYTES).await?;
+            let mut client = MllpClient::connect(
+                addr,
+                Duration::from_secs(5),
+                outpost_mllp::DEFAULT_MAX_FRAME_BYTES,
+            )
+            .await?;
             let (mut acked, mut errors, mut latencies) = (0usize, 0usize, Vec::new());
             for n in (connection..messages).step_by(connections) {
                 let message = samples::lab_result(&format!("B{n}"), n);
@@ -203,7 +247,12 @@ async fn drive(label: &str, addr: SocketAddr, messages: usize, connections: usiz
             anyhow::Ok((acked, errors, latencies))
         }));
     }
-    let mut figures = LoadFigures { acked: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut figures = LoadFigures {
+        acked: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
     for task in tasks {
         let (acked, errors, latencies) = task.await??;
         figures.acked += acked;
@@ -274,7 +323,8 @@ fn rss_kb(_pid: u32) -> Option<u64> {
 }
 
 fn mb(kb: Option<u64>) -> String {
-    kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
+    kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn tail(path: &Path) -> String {

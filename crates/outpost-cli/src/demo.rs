@@ -21,8 +21,11 @@ const SEND_EVERY: Duration = Duration::from_secs(3);
 /// Runs the demo until `run_for` passes or Ctrl-C.
 pub async fn run(run_for: Option<Duration>, data_dir: PathBuf) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::channel(256);
-    let downstream = Downstream::start(Some(events_tx)).await.context("starting the demo downstream")?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let downstream = Downstream::start(Some(events_tx))
+        .await
+        .context("starting the demo downstream")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let config_text = format!(
         r#"data_dir = {data_dir:?}
@@ -46,22 +49,41 @@ to = ["lab-out"]
     let config = AgentConfig::parse(&config_text, &config_path)?;
     let shutdown = CancellationToken::new();
     let agent = outpost_agent::start(config.clone(), shutdown.clone()).await?;
-    let source_addr = agent.listeners.first().map(|(_, addr)| *addr).context("the demo source did not bind")?;
+    let source_addr = agent
+        .listeners
+        .first()
+        .map(|(_, addr)| *addr)
+        .context("the demo source did not bind")?;
 
     println!("Outpost demo");
     println!("  agent     MLLP source \"lab-in\" listening on {source_addr}");
-    println!("  agent     MLLP sink \"lab-out\" delivering to the downstream lab at {}", downstream.addr);
+    println!(
+        "  agent     MLLP sink \"lab-out\" delivering to the downstream lab at {}",
+        downstream.addr
+    );
     println!("  queue     {}", agent.queue.path().display());
-    println!("  config    {}  (try: outpost queue status --config {})", config_path.display(), config_path.display());
+    println!(
+        "  config    {}  (try: outpost queue status --config {})",
+        config_path.display(),
+        config_path.display()
+    );
     println!();
 
     let printer = tokio::spawn(async move {
         while let Some(received) = events.recv().await {
-            println!("  downstream lab received {} {} ({} bytes)", received.msg_type, received.control_id, received.bytes);
+            println!(
+                "  downstream lab received {} {} ({} bytes)",
+                received.msg_type, received.control_id, received.bytes
+            );
         }
     });
 
-    let mut sender = MllpClient::connect(source_addr, Duration::from_secs(5), outpost_mllp::DEFAULT_MAX_FRAME_BYTES).await?;
+    let mut sender = MllpClient::connect(
+        source_addr,
+        Duration::from_secs(5),
+        outpost_mllp::DEFAULT_MAX_FRAME_BYTES,
+    )
+    .await?;
     let run_id = outpost_queue::now_ms() / 1000;
     let first_batch = [
         samples::lab_result(&format!("DEMO{run_id}-1"), 1),
@@ -95,12 +117,21 @@ to = ["lab-out"]
     let received = downstream.count.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!();
-    println!("Where the messages went (downstream received {}):", downstream.count.load(Ordering::Relaxed).max(received));
+    println!(
+        "Where the messages went (downstream received {}):",
+        downstream.count.load(Ordering::Relaxed).max(received)
+    );
     let stats = agent.queue.stats().await?;
     for sink in &stats.sinks {
-        println!("  sink {:<10} delivered {}  pending {}  dead letters {}", sink.sink, sink.delivered, sink.pending, sink.dead);
+        println!(
+            "  sink {:<10} delivered {}  pending {}  dead letters {}",
+            sink.sink, sink.delivered, sink.pending, sink.dead
+        );
     }
-    println!("  refused at intake and kept for inspection: {}", stats.rejected);
+    println!(
+        "  refused at intake and kept for inspection: {}",
+        stats.rejected
+    );
     for (name, status) in agent.health.snapshot() {
         println!(
             "  {} {:<10} {:<8} items {}  failures {}  last error: {}",
@@ -112,8 +143,14 @@ to = ["lab-out"]
             status.last_error.as_deref().unwrap_or("-")
         );
     }
-    println!("  queue on disk: {}", inspect::bytes(agent.queue.disk_bytes()));
-    println!("  search it: outpost hl7 search --config {} --type ORU^R01", config_path.display());
+    println!(
+        "  queue on disk: {}",
+        inspect::bytes(agent.queue.disk_bytes())
+    );
+    println!(
+        "  search it: outpost hl7 search --config {} --type ORU^R01",
+        config_path.display()
+    );
     agent.stop().await;
     printer.abort();
     Ok(())
@@ -125,7 +162,11 @@ async fn send_and_print(sender: &mut MllpClient, message: &[u8]) -> anyhow::Resu
         Ok(ack) => println!(
             "  sender got {} for {}{}",
             ack.code.as_str(),
-            if ack.control_id.is_empty() { "(no control id)" } else { &ack.control_id },
+            if ack.control_id.is_empty() {
+                "(no control id)"
+            } else {
+                &ack.control_id
+            },
             ack.text.map(|t| format!(": {t}")).unwrap_or_default()
         ),
         Err(err) => println!("  sender got an unreadable reply: {err}"),

@@ -46,7 +46,9 @@ impl Downstream {
                 tokio::spawn(async move {
                     let mut framed = Framed::new(stream, MllpCodec::default());
                     while let Some(Ok(Frame::Message(body))) = framed.next().await {
-                        let Ok(message) = Message::parse(&body) else { break };
+                        let Ok(message) = Message::parse(&body) else {
+                            break;
+                        };
                         let received = Received {
                             msg_type: message.message_type_full().unwrap_or_default(),
                             control_id: message.control_id().unwrap_or_default(),

@@ -94,7 +94,11 @@ pub async fn queue(config: &AgentConfig, action: QueueAction) -> anyhow::Result<
     result
 }
 
-async fn queue_action(config: &AgentConfig, queue: &Queue, action: QueueAction) -> anyhow::Result<()> {
+async fn queue_action(
+    config: &AgentConfig,
+    queue: &Queue,
+    action: QueueAction,
+) -> anyhow::Result<()> {
     match action {
         QueueAction::Status => print_status(queue).await,
         QueueAction::Dead { sink, limit } => {
@@ -123,17 +127,27 @@ async fn queue_action(config: &AgentConfig, queue: &Queue, action: QueueAction) 
             }
             let sink = sink.as_deref().map(ConnectorName::new).transpose()?;
             let count = queue.retry_dead(sink.as_ref(), item).await?;
-            println!("{count} dead letter(s) put back in line; the agent picks them up within a second");
+            println!(
+                "{count} dead letter(s) put back in line; the agent picks them up within a second"
+            );
             Ok(())
         }
         QueueAction::Show { id, payload } => {
-            let item = queue.get(id).await?.with_context(|| format!("no item {id} (purged, or never stored)"))?;
+            let item = queue
+                .get(id)
+                .await?
+                .with_context(|| format!("no item {id} (purged, or never stored)"))?;
             print_item(&item, payload);
             Ok(())
         }
         QueueAction::Purge => {
             let report = queue.purge(config.retention).await?;
-            println!("purged {} item(s), freed {} page(s); queue now {} on disk", report.items, report.pages_freed, bytes(queue.disk_bytes()));
+            println!(
+                "purged {} item(s), freed {} page(s); queue now {} on disk",
+                report.items,
+                report.pages_freed,
+                bytes(queue.disk_bytes())
+            );
             Ok(())
         }
     }
@@ -145,11 +159,19 @@ async fn print_status(queue: &Queue) -> anyhow::Result<()> {
         "queue {}  ({} on disk, {} free)",
         queue.path().display(),
         bytes(queue.disk_bytes()),
-        queue.disk_free_bytes().map(bytes).unwrap_or_else(|| "?".into())
+        queue
+            .disk_free_bytes()
+            .map(bytes)
+            .unwrap_or_else(|| "?".into())
     );
-    println!("{:<20} {:>9} {:>9} {:>6} {:>10}  oldest pending", "sink", "pending", "retrying", "dead", "delivered");
+    println!(
+        "{:<20} {:>9} {:>9} {:>6} {:>10}  oldest pending",
+        "sink", "pending", "retrying", "dead", "delivered"
+    );
     for sink in &stats.sinks {
-        let oldest = sink.oldest_pending_ms.map(|ms| humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string());
+        let oldest = sink.oldest_pending_ms.map(|ms| {
+            humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string()
+        });
         println!(
             "{:<20} {:>9} {:>9} {:>6} {:>10}  {}",
             sink.sink,
@@ -160,21 +182,43 @@ async fn print_status(queue: &Queue) -> anyhow::Result<()> {
             oldest.as_deref().unwrap_or("-")
         );
     }
-    println!("items stored: {}  refused at intake (kept for inspection): {}", stats.items, stats.rejected);
+    println!(
+        "items stored: {}  refused at intake (kept for inspection): {}",
+        stats.items, stats.rejected
+    );
     Ok(())
 }
 
 /// Runs an HL7 action.
 pub async fn hl7(action: Hl7Action) -> anyhow::Result<()> {
-    let Hl7Action::Search { config, msg_type, control_id, pid, text, since, until, limit, rejected, show } = action;
+    let Hl7Action::Search {
+        config,
+        msg_type,
+        control_id,
+        pid,
+        text,
+        since,
+        until,
+        limit,
+        rejected,
+        show,
+    } = action;
     let config = AgentConfig::load(&config)?;
     let query = SearchQuery {
         msg_type,
         control_id,
         subject: pid,
         text,
-        since_ms: since.as_deref().map(parse_time).transpose().context("--since")?,
-        until_ms: until.as_deref().map(parse_time).transpose().context("--until")?,
+        since_ms: since
+            .as_deref()
+            .map(parse_time)
+            .transpose()
+            .context("--since")?,
+        until_ms: until
+            .as_deref()
+            .map(parse_time)
+            .transpose()
+            .context("--until")?,
         limit,
         include_rejected: rejected,
     };
@@ -196,7 +240,10 @@ fn print_item(item: &StoredItem, with_payload: bool) {
         .deliveries
         .iter()
         .map(|d| match &d.last_error {
-            Some(err) if d.state != "delivered" => format!("{} {} (attempts {}, last error: {err})", d.sink, d.state, d.attempts),
+            Some(err) if d.state != "delivered" => format!(
+                "{} {} (attempts {}, last error: {err})",
+                d.sink, d.state, d.attempts
+            ),
             _ => format!("{} {}", d.sink, d.state),
         })
         .collect();
@@ -214,7 +261,11 @@ fn print_item(item: &StoredItem, with_payload: bool) {
         }
     );
     if with_payload {
-        for segment in item.payload.split(|b| *b == b'\r').filter(|s| !s.is_empty()) {
+        for segment in item
+            .payload
+            .split(|b| *b == b'\r')
+            .filter(|s| !s.is_empty())
+        {
             println!("    {}", String::from_utf8_lossy(segment));
         }
     }
@@ -225,7 +276,9 @@ fn parse_time(text: &str) -> anyhow::Result<i64> {
     if let Ok(age) = humantime::parse_duration(text) {
         return Ok(now_ms() - age.as_millis() as i64);
     }
-    if let Ok(at) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+    if let Ok(at) =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
         return Ok((at.unix_timestamp_nanos() / 1_000_000) as i64);
     }
     let day_format = time::macros::format_description!("[year]-[month]-[day]");
@@ -238,7 +291,10 @@ fn parse_time(text: &str) -> anyhow::Result<i64> {
 fn format_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 

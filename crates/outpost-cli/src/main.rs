@@ -75,7 +75,10 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_filter));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -104,7 +107,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 async fn run_agent(config_path: PathBuf) -> anyhow::Result<()> {
     let config = load_config(&config_path)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let agent = outpost_agent::start(config, shutdown.clone()).await.context("agent could not start")?;
+    let agent = outpost_agent::start(config, shutdown.clone())
+        .await
+        .context("agent could not start")?;
     for (name, addr) in &agent.listeners {
         tracing::info!(source = %name, %addr, "listening");
     }
@@ -125,5 +130,8 @@ fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -137,8 +137,14 @@ mod tests {
     fn connector_names_accept_the_safe_alphabet_only() {
         assert!(ConnectorName::new("lab-in_2.a").is_ok());
         assert_eq!(ConnectorName::new(""), Err(NameError::ConnectorLength(0)));
-        assert_eq!(ConnectorName::new("lab in"), Err(NameError::ConnectorChar(' ')));
-        assert_eq!(ConnectorName::new("../x"), Err(NameError::ConnectorChar('/')));
+        assert_eq!(
+            ConnectorName::new("lab in"),
+            Err(NameError::ConnectorChar(' '))
+        );
+        assert_eq!(
+            ConnectorName::new("../x"),
+            Err(NameError::ConnectorChar('/'))
+        );
         assert!(ConnectorName::new(&"a".repeat(65)).is_err());
     }
 

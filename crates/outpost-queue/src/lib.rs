@@ -88,7 +88,10 @@ impl RetryPolicy {
     pub fn backoff(&self, attempts: u32) -> Duration {
         use rand::Rng;
         let exponent = attempts.saturating_sub(1).min(30);
-        let full = self.initial_backoff.saturating_mul(1u32 << exponent).min(self.max_backoff);
+        let full = self
+            .initial_backoff
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_backoff);
         let half = full / 2;
         let jitter_ms = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
         half + Duration::from_millis(jitter_ms)
@@ -186,12 +189,22 @@ impl Queue {
             return Err(QueueError::Missing { path: db_path });
         }
         let keys = Keys::load(&data_dir.join(KEY_FILE))?;
-        Self::start(data_dir, keys, QueueOptions { min_free_disk_bytes: 0, ..QueueOptions::default() })
+        Self::start(
+            data_dir,
+            keys,
+            QueueOptions {
+                min_free_disk_bytes: 0,
+                ..QueueOptions::default()
+            },
+        )
     }
 
     fn start(data_dir: &Path, keys: Keys, options: QueueOptions) -> Result<Self, QueueError> {
         let db_path = data_dir.join(QUEUE_FILE);
-        let sqlite = |source| QueueError::Sqlite { path: db_path.clone(), source };
+        let sqlite = |source| QueueError::Sqlite {
+            path: db_path.clone(),
+            source,
+        };
         let writer_conn = Connection::open(&db_path).map_err(sqlite)?;
         schema::configure(&writer_conn).map_err(sqlite)?;
         let version: i64 = writer_conn
@@ -212,7 +225,9 @@ impl Queue {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sqlite)?;
-        reader.busy_timeout(Duration::from_secs(10)).map_err(sqlite)?;
+        reader
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(sqlite)?;
 
         let keys = Arc::new(keys);
         let (commands, receiver) = mpsc::channel(4096);
@@ -227,7 +242,10 @@ impl Queue {
         let writer_thread = std::thread::Builder::new()
             .name("outpost-queue".into())
             .spawn(move || writer::run(writer_conn, writer_keys, config, receiver, appended_tx))
-            .map_err(|source| QueueError::DataDir { path: data_dir.to_owned(), source })?;
+            .map_err(|source| QueueError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_owned(),
@@ -249,7 +267,13 @@ impl Queue {
     /// Appends an item for delivery to its sinks. Returns once the item is committed to
     /// disk: only then may a source acknowledge its peer.
     pub async fn append(&self, item: NewItem) -> Result<ItemId, QueueError> {
-        match self.submit(Op::Append { item, rejected_reason: None }).await? {
+        match self
+            .submit(Op::Append {
+                item,
+                rejected_reason: None,
+            })
+            .await?
+        {
             Outcome::Appended(id) => Ok(id),
             _ => Err(QueueError::Closed),
         }
@@ -257,8 +281,18 @@ impl Queue {
 
     /// Keeps an item that intake refused (malformed, no route) for inspection; it has no
     /// deliveries and is purged after the retention like delivered items.
-    pub async fn append_rejected(&self, item: NewItem, reason: String) -> Result<ItemId, QueueError> {
-        match self.submit(Op::Append { item, rejected_reason: Some(reason) }).await? {
+    pub async fn append_rejected(
+        &self,
+        item: NewItem,
+        reason: String,
+    ) -> Result<ItemId, QueueError> {
+        match self
+            .submit(Op::Append {
+                item,
+                rejected_reason: Some(reason),
+            })
+            .await?
+        {
             Outcome::Appended(id) => Ok(id),
             _ => Err(QueueError::Closed),
         }
@@ -266,7 +300,12 @@ impl Queue {
 
     /// Records that `sink` delivered item `id`.
     pub async fn mark_delivered(&self, sink: &ConnectorName, id: ItemId) -> Result<(), QueueError> {
-        self.submit(Op::MarkDelivered { sink: sink.clone(), id }).await.map(|_| ())
+        self.submit(Op::MarkDelivered {
+            sink: sink.clone(),
+            id,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Records a failed attempt. A permanent failure, or one past `policy.max_attempts`,
@@ -279,7 +318,13 @@ impl Queue {
         policy: RetryPolicy,
         is_permanent: bool,
     ) -> Result<FailureOutcome, QueueError> {
-        let op = Op::MarkFailed { sink: sink.clone(), id, error: error.to_owned(), policy, is_permanent };
+        let op = Op::MarkFailed {
+            sink: sink.clone(),
+            id,
+            error: error.to_owned(),
+            policy,
+            is_permanent,
+        };
         match self.submit(op).await? {
             Outcome::Failed(outcome) => Ok(outcome),
             _ => Err(QueueError::Closed),
@@ -288,8 +333,18 @@ impl Queue {
 
     /// Puts dead letters back to pending, all of them or those of one sink or one item.
     /// Returns how many.
-    pub async fn retry_dead(&self, sink: Option<&ConnectorName>, id: Option<ItemId>) -> Result<usize, QueueError> {
-        match self.submit(Op::RetryDead { sink: sink.cloned(), id }).await? {
+    pub async fn retry_dead(
+        &self,
+        sink: Option<&ConnectorName>,
+        id: Option<ItemId>,
+    ) -> Result<usize, QueueError> {
+        match self
+            .submit(Op::RetryDead {
+                sink: sink.cloned(),
+                id,
+            })
+            .await?
+        {
             Outcome::Count(n) => Ok(n),
             _ => Err(QueueError::Closed),
         }
@@ -302,7 +357,13 @@ impl Queue {
         let settled_before_ms = now_ms() - retention.as_millis() as i64;
         let mut report = PurgeReport::default();
         loop {
-            match self.submit(Op::PurgeChunk { settled_before_ms, limit: 2000 }).await? {
+            match self
+                .submit(Op::PurgeChunk {
+                    settled_before_ms,
+                    limit: 2000,
+                })
+                .await?
+            {
                 Outcome::Count(0) => break,
                 Outcome::Count(n) => report.items += n,
                 _ => return Err(QueueError::Closed),
@@ -323,7 +384,8 @@ impl Queue {
     /// passes. Returns the new generation to pass next time.
     pub async fn wait_for_append(&self, seen: u64, timeout: Duration) -> u64 {
         let mut appended = self.inner.appended.clone();
-        let _ = tokio::time::timeout(timeout, appended.wait_for(|generation| *generation != seen)).await;
+        let _ = tokio::time::timeout(timeout, appended.wait_for(|generation| *generation != seen))
+            .await;
         let generation = *appended.borrow();
         generation
     }
@@ -338,7 +400,12 @@ impl Queue {
     pub async fn close(&self) -> Result<(), QueueError> {
         let result = self.submit(Op::Checkpoint).await.map(|_| ());
         let _ = self.submit(Op::Close).await;
-        let handle = self.inner.writer_thread.lock().ok().and_then(|mut slot| slot.take());
+        let handle = self
+            .inner
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take());
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
@@ -372,7 +439,10 @@ impl Queue {
 
     fn sqlite_error(&self) -> impl Fn(rusqlite::Error) -> QueueError + Send + Clone + 'static {
         let path = self.inner.db_path.clone();
-        move |source| QueueError::Sqlite { path: path.clone(), source }
+        move |source| QueueError::Sqlite {
+            path: path.clone(),
+            source,
+        }
     }
 
     /// Bytes the queue occupies on disk (queue file plus WAL).

@@ -114,7 +114,6 @@ pub struct SearchQuery {
     pub include_rejected: bool,
 }
 
-
 impl Queue {
     /// The next delivery for `sink`: its oldest pending item. Strict order: when the oldest
     /// is backing off, nothing behind it is handed out.
@@ -210,7 +209,11 @@ impl Queue {
     }
 
     /// Dead letters, oldest first, for one sink or all.
-    pub async fn dead_letters(&self, sink: Option<&ConnectorName>, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+    pub async fn dead_letters(
+        &self,
+        sink: Option<&ConnectorName>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, QueueError> {
         let sink = sink.map(|s| s.to_string());
         let sqlite = self.sqlite_error();
         self.read(move |conn, _| {
@@ -247,7 +250,8 @@ impl Queue {
                 .prepare_cached(&format!("{ITEM_COLUMNS} WHERE id = ?1"))
                 .and_then(|mut stmt| stmt.query_row([id.0], sealed_item).optional())
                 .map_err(&sqlite)?;
-            row.map(|sealed| sealed.open(conn, keys, &sqlite)).transpose()
+            row.map(|sealed| sealed.open(conn, keys, &sqlite))
+                .transpose()
         })
         .await
     }
@@ -258,9 +262,15 @@ impl Queue {
     pub async fn search(&self, query: SearchQuery) -> Result<Vec<StoredItem>, QueueError> {
         let sqlite = self.sqlite_error();
         self.read(move |conn, keys| {
-            let subject_digest = query.subject.as_ref().map(|s| keys.subject_digest(s.as_bytes()));
+            let subject_digest = query
+                .subject
+                .as_ref()
+                .map(|s| keys.subject_digest(s.as_bytes()));
             let type_prefix = query.msg_type.as_ref().map(|t| format!("{t}^%"));
-            let needle = query.text.as_ref().map(|t| t.to_ascii_lowercase().into_bytes());
+            let needle = query
+                .text
+                .as_ref()
+                .map(|t| t.to_ascii_lowercase().into_bytes());
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "{ITEM_COLUMNS}
@@ -289,8 +299,12 @@ impl Queue {
                 if found.len() >= query.limit {
                     break;
                 }
-                let item = sealed_item(row).map_err(&sqlite)?.open(conn, keys, &sqlite)?;
-                let is_match = needle.as_ref().is_none_or(|needle| contains_ignore_ascii_case(&item.payload, needle));
+                let item = sealed_item(row)
+                    .map_err(&sqlite)?
+                    .open(conn, keys, &sqlite)?;
+                let is_match = needle
+                    .as_ref()
+                    .is_none_or(|needle| contains_ignore_ascii_case(&item.payload, needle));
                 if is_match {
                     found.push(item);
                 }
@@ -339,7 +353,10 @@ impl SealedItem {
     ) -> Result<StoredItem, QueueError> {
         let id = self.id;
         let payload = keys.open(id, &self.nonce, &self.sealed)?;
-        let kind = self.kind.parse().map_err(|_| QueueError::Corrupt { id, what: "kind" })?;
+        let kind = self
+            .kind
+            .parse()
+            .map_err(|_| QueueError::Corrupt { id, what: "kind" })?;
         let mut stmt = conn
             .prepare_cached("SELECT sink, state, attempts, last_error FROM deliveries WHERE item_id = ?1 ORDER BY sink")
             .map_err(sqlite)?;
@@ -377,7 +394,10 @@ fn contains_ignore_ascii_case(haystack: &[u8], lowercase_needle: &[u8]) -> bool 
     if lowercase_needle.is_empty() {
         return true;
     }
-    haystack
-        .windows(lowercase_needle.len())
-        .any(|window| window.iter().zip(lowercase_needle).all(|(a, b)| a.to_ascii_lowercase() == *b))
+    haystack.windows(lowercase_needle.len()).any(|window| {
+        window
+            .iter()
+            .zip(lowercase_needle)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
+    })
 }

@@ -64,8 +64,16 @@ impl Keys {
         let aad = id.0.to_le_bytes();
         let sealed = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: &aad })
-            .unwrap_or_else(|_| unreachable!("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers"));
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_else(|_| {
+                unreachable!("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers")
+            });
         (sealed, nonce)
     }
 
@@ -76,7 +84,13 @@ impl Keys {
         }
         let aad = id.0.to_le_bytes();
         self.cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &aad })
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| QueueError::Unseal { id })
     }
 
@@ -104,10 +118,12 @@ fn read_key(path: &Path, mut file: fs::File) -> Result<[u8; KEY_BYTES], QueueErr
         .read_to_end(&mut bytes)
         .map_err(|source| key_error(path, source))?;
     warn_if_readable_by_others(path, &file);
-    bytes.try_into().map_err(|bytes: Vec<u8>| QueueError::KeyLength {
-        path: path.to_owned(),
-        found: bytes.len() as u64,
-    })
+    bytes
+        .try_into()
+        .map_err(|bytes: Vec<u8>| QueueError::KeyLength {
+            path: path.to_owned(),
+            found: bytes.len() as u64,
+        })
 }
 
 fn create_key(path: &Path) -> Result<[u8; KEY_BYTES], QueueError> {
@@ -185,7 +201,10 @@ mod tests {
         let keys = Keys::load_or_create(&dir.path().join("queue.key")).unwrap();
         let (sealed, nonce) = keys.seal(ItemId(7), b"PID|1||12345");
         assert!(!sealed.windows(5).any(|w| w == b"12345"));
-        assert_eq!(keys.open(ItemId(7), &nonce, &sealed).unwrap(), b"PID|1||12345");
+        assert_eq!(
+            keys.open(ItemId(7), &nonce, &sealed).unwrap(),
+            b"PID|1||12345"
+        );
         assert!(matches!(
             keys.open(ItemId(8), &nonce, &sealed),
             Err(QueueError::Unseal { id: ItemId(8) })
@@ -220,6 +239,10 @@ mod tests {
         let path = dir.path().join("queue.key");
         fs::write(&path, b"short").unwrap();
         let err = Keys::load_or_create(&path).err().unwrap();
-        assert!(err.to_string().contains("expected exactly 32 bytes, found 5"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("expected exactly 32 bytes, found 5"),
+            "{err}"
+        );
     }
 }

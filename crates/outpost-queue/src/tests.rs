@@ -13,7 +13,10 @@ fn item(n: usize, sinks: &[&str]) -> NewItem {
         msg_type: Some("ORU^R01".into()),
         control_id: Some(format!("MSG{n:05}")),
         subject: Some(format!("PAT{n}").into_bytes()),
-        payload: format!("MSH|^~\\&|LAB|||||||ORU^R01|MSG{n:05}|P|2.5\rPID|1||PAT{n}||SECRETNAME{n}\r").into_bytes(),
+        payload: format!(
+            "MSH|^~\\&|LAB|||||||ORU^R01|MSG{n:05}|P|2.5\rPID|1||PAT{n}||SECRETNAME{n}\r"
+        )
+        .into_bytes(),
         sinks: sinks.iter().map(|s| sink(s)).collect(),
     }
 }
@@ -41,12 +44,25 @@ async fn each_sink_receives_items_in_order_with_its_own_cursor() {
     let first_a = ready(&queue, "a").await;
     assert_eq!(first_a.control_id.as_deref(), Some("MSG00000"));
     queue.mark_delivered(&sink("a"), first_a.id).await.unwrap();
-    assert_eq!(ready(&queue, "a").await.control_id.as_deref(), Some("MSG00001"));
+    assert_eq!(
+        ready(&queue, "a").await.control_id.as_deref(),
+        Some("MSG00001")
+    );
     // Sink b has not moved.
-    assert_eq!(ready(&queue, "b").await.control_id.as_deref(), Some("MSG00000"));
+    assert_eq!(
+        ready(&queue, "b").await.control_id.as_deref(),
+        Some("MSG00000")
+    );
     let stats = queue.stats().await.unwrap();
     assert_eq!(stats.sinks.len(), 2);
-    assert_eq!((stats.sinks[0].sink.as_str(), stats.sinks[0].pending, stats.sinks[0].delivered), ("a", 2, 1));
+    assert_eq!(
+        (
+            stats.sinks[0].sink.as_str(),
+            stats.sinks[0].pending,
+            stats.sinks[0].delivered
+        ),
+        ("a", 2, 1)
+    );
     assert_eq!((stats.sinks[1].pending, stats.sinks[1].delivered), (3, 0));
 }
 
@@ -56,7 +72,10 @@ async fn items_survive_closing_and_reopening() {
     let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
     let id = queue.append(item(1, &["a"])).await.unwrap();
     queue.close().await.unwrap();
-    assert!(matches!(queue.append(item(2, &["a"])).await, Err(QueueError::Closed)));
+    assert!(matches!(
+        queue.append(item(2, &["a"])).await,
+        Err(QueueError::Closed)
+    ));
 
     let reopened = Queue::open(dir.path(), QueueOptions::default()).unwrap();
     let lease = ready(&reopened, "a").await;
@@ -72,10 +91,22 @@ async fn a_failing_head_item_backs_off_and_blocks_later_items() {
     let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
     let first = queue.append(item(1, &["a"])).await.unwrap();
     queue.append(item(2, &["a"])).await.unwrap();
-    let policy = RetryPolicy { initial_backoff: Duration::from_secs(30), ..NO_RETRY_LIMIT };
-    let policy = RetryPolicy { max_backoff: Duration::from_secs(60), ..policy };
-    let outcome = queue.mark_failed(&sink("a"), first, "peer said AE", policy, false).await.unwrap();
-    assert!(matches!(outcome, FailureOutcome::RetryAfter { attempts: 1, .. }), "{outcome:?}");
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_secs(30),
+        ..NO_RETRY_LIMIT
+    };
+    let policy = RetryPolicy {
+        max_backoff: Duration::from_secs(60),
+        ..policy
+    };
+    let outcome = queue
+        .mark_failed(&sink("a"), first, "peer said AE", policy, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, FailureOutcome::RetryAfter { attempts: 1, .. }),
+        "{outcome:?}"
+    );
     match queue.next_delivery(&sink("a")).await.unwrap() {
         NextDelivery::Backoff(wait) => assert!(wait > Duration::from_secs(10), "{wait:?}"),
         other => panic!("the second item overtook the first: {other:?}"),
@@ -88,9 +119,19 @@ async fn exhausted_attempts_make_a_dead_letter_that_can_be_retried() {
     let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
     let first = queue.append(item(1, &["a"])).await.unwrap();
     let second = queue.append(item(2, &["a"])).await.unwrap();
-    let policy = RetryPolicy { initial_backoff: Duration::ZERO, max_attempts: Some(2), ..NO_RETRY_LIMIT };
-    queue.mark_failed(&sink("a"), first, "AE: unknown test code", policy, false).await.unwrap();
-    let outcome = queue.mark_failed(&sink("a"), first, "AE: unknown test code", policy, false).await.unwrap();
+    let policy = RetryPolicy {
+        initial_backoff: Duration::ZERO,
+        max_attempts: Some(2),
+        ..NO_RETRY_LIMIT
+    };
+    queue
+        .mark_failed(&sink("a"), first, "AE: unknown test code", policy, false)
+        .await
+        .unwrap();
+    let outcome = queue
+        .mark_failed(&sink("a"), first, "AE: unknown test code", policy, false)
+        .await
+        .unwrap();
     assert_eq!(outcome, FailureOutcome::DeadLettered { attempts: 2 });
     // The sink moves on past the dead letter.
     assert_eq!(ready(&queue, "a").await.id, second);
@@ -99,7 +140,13 @@ async fn exhausted_attempts_make_a_dead_letter_that_can_be_retried() {
     assert_eq!((dead[0].id, dead[0].attempts), (first, 2));
     assert_eq!(dead[0].last_error.as_deref(), Some("AE: unknown test code"));
 
-    assert_eq!(queue.retry_dead(Some(&sink("a")), Some(first)).await.unwrap(), 1);
+    assert_eq!(
+        queue
+            .retry_dead(Some(&sink("a")), Some(first))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(ready(&queue, "a").await.id, first);
     assert!(queue.dead_letters(None, 10).await.unwrap().is_empty());
 }
@@ -119,7 +166,9 @@ async fn the_queue_file_holds_no_payload_text() {
             on_disk.extend(std::fs::read(path).unwrap());
         }
     }
-    assert!(on_disk.windows(b"SECRETNAME".len()).all(|w| w != b"SECRETNAME"));
+    assert!(on_disk
+        .windows(b"SECRETNAME".len())
+        .all(|w| w != b"SECRETNAME"));
     assert!(on_disk.windows(b"PAT1".len()).all(|w| w != b"PAT1"));
     // The control id is metadata kept in clear for support look-ups.
     assert!(on_disk.windows(b"MSG00001".len()).any(|w| w == b"MSG00001"));
@@ -153,7 +202,10 @@ async fn purge_removes_settled_items_and_shrinks_the_file() {
         queue.mark_delivered(&sink("a"), *id).await.unwrap();
     }
     // A purge within retention removes nothing but checkpoints, so the main file holds all.
-    assert_eq!(queue.purge(Duration::from_secs(3600)).await.unwrap().items, 0);
+    assert_eq!(
+        queue.purge(Duration::from_secs(3600)).await.unwrap().items,
+        0
+    );
     let full = queue.disk_bytes();
 
     std::thread::sleep(Duration::from_millis(5));
@@ -161,7 +213,10 @@ async fn purge_removes_settled_items_and_shrinks_the_file() {
     let empty = queue.disk_bytes();
     assert_eq!(report.items, ids.len());
     assert!(report.pages_freed > 0, "{report:?}");
-    assert!(empty < full / 10, "queue file did not shrink: {full} -> {empty} bytes");
+    assert!(
+        empty < full / 10,
+        "queue file did not shrink: {full} -> {empty} bytes"
+    );
     // The pending item stays.
     assert_eq!(ready(&queue, "a").await.id, kept);
     assert_eq!(queue.stats().await.unwrap().items, 1);
@@ -181,7 +236,14 @@ async fn retention_keeps_recently_delivered_items() {
 #[tokio::test]
 async fn intake_stops_with_a_clear_error_when_the_disk_is_low() {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Queue::open(dir.path(), QueueOptions { min_free_disk_bytes: u64::MAX, ..QueueOptions::default() }).unwrap();
+    let queue = Queue::open(
+        dir.path(),
+        QueueOptions {
+            min_free_disk_bytes: u64::MAX,
+            ..QueueOptions::default()
+        },
+    )
+    .unwrap();
     let err = queue.append(item(1, &["a"])).await.unwrap_err();
     assert!(matches!(err, QueueError::DiskFull { .. }), "{err}");
     assert!(err.to_string().starts_with("disk full:"), "{err}");
@@ -217,20 +279,73 @@ async fn search_finds_by_type_control_id_patient_and_text() {
     let mut adt = item(100, &["a"]);
     adt.msg_type = Some("ADT^A01^ADT_A01".into());
     queue.append(adt).await.unwrap();
-    queue.append_rejected(item(200, &[]), "no MSH segment".into()).await.unwrap();
+    queue
+        .append_rejected(item(200, &[]), "no MSH segment".into())
+        .await
+        .unwrap();
 
     let by = |q: SearchQuery| {
         let queue = queue.clone();
         async move { queue.search(SearchQuery { limit: 100, ..q }).await.unwrap() }
     };
-    assert_eq!(by(SearchQuery { msg_type: Some("ADT^A01".into()), ..Default::default() }).await.len(), 1);
-    assert_eq!(by(SearchQuery { msg_type: Some("ORU".into()), ..Default::default() }).await.len(), 20);
-    let hit = by(SearchQuery { control_id: Some("MSG00007".into()), ..Default::default() }).await;
+    assert_eq!(
+        by(SearchQuery {
+            msg_type: Some("ADT^A01".into()),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        1
+    );
+    assert_eq!(
+        by(SearchQuery {
+            msg_type: Some("ORU".into()),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        20
+    );
+    let hit = by(SearchQuery {
+        control_id: Some("MSG00007".into()),
+        ..Default::default()
+    })
+    .await;
     assert_eq!(hit.len(), 1);
     assert_eq!(hit[0].deliveries[0].state, "pending");
-    assert_eq!(by(SearchQuery { subject: Some("PAT13".into()), ..Default::default() }).await[0].control_id.as_deref(), Some("MSG00013"));
-    assert_eq!(by(SearchQuery { text: Some("secretname1".into()), ..Default::default() }).await.len(), 12);
-    let rejected = by(SearchQuery { include_rejected: true, control_id: Some("MSG00200".into()), ..Default::default() }).await;
-    assert_eq!(rejected[0].rejected_reason.as_deref(), Some("no MSH segment"));
-    assert!(by(SearchQuery { since_ms: Some(now_ms() + 60_000), ..Default::default() }).await.is_empty());
+    assert_eq!(
+        by(SearchQuery {
+            subject: Some("PAT13".into()),
+            ..Default::default()
+        })
+        .await[0]
+            .control_id
+            .as_deref(),
+        Some("MSG00013")
+    );
+    assert_eq!(
+        by(SearchQuery {
+            text: Some("secretname1".into()),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        12
+    );
+    let rejected = by(SearchQuery {
+        include_rejected: true,
+        control_id: Some("MSG00200".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        rejected[0].rejected_reason.as_deref(),
+        Some("no MSH segment")
+    );
+    assert!(by(SearchQuery {
+        since_ms: Some(now_ms() + 60_000),
+        ..Default::default()
+    })
+    .await
+    .is_empty());
 }

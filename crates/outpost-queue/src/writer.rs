@@ -25,12 +25,32 @@ pub(crate) struct Command {
 
 /// The changes the writer knows.
 pub(crate) enum Op {
-    Append { item: NewItem, rejected_reason: Option<String> },
-    MarkDelivered { sink: ConnectorName, id: ItemId },
-    MarkFailed { sink: ConnectorName, id: ItemId, error: String, policy: RetryPolicy, is_permanent: bool },
-    RetryDead { sink: Option<ConnectorName>, id: Option<ItemId> },
-    PurgeChunk { settled_before_ms: i64, limit: usize },
-    VacuumChunk { pages: u32 },
+    Append {
+        item: NewItem,
+        rejected_reason: Option<String>,
+    },
+    MarkDelivered {
+        sink: ConnectorName,
+        id: ItemId,
+    },
+    MarkFailed {
+        sink: ConnectorName,
+        id: ItemId,
+        error: String,
+        policy: RetryPolicy,
+        is_permanent: bool,
+    },
+    RetryDead {
+        sink: Option<ConnectorName>,
+        id: Option<ItemId>,
+    },
+    PurgeChunk {
+        settled_before_ms: i64,
+        limit: usize,
+    },
+    VacuumChunk {
+        pages: u32,
+    },
     /// Runs outside any transaction (SQLite refuses checkpoints inside one).
     Checkpoint,
     /// Finishes what is queued, checkpoints and stops the thread.
@@ -124,10 +144,17 @@ struct Writer {
 
 impl Writer {
     fn new(conn: &Connection, keys: Arc<Keys>, config: WriterConfig) -> Result<Self, QueueError> {
-        let sqlite = |source| QueueError::Sqlite { path: config.db_path.clone(), source };
+        let sqlite = |source| QueueError::Sqlite {
+            path: config.db_path.clone(),
+            source,
+        };
         // AUTOINCREMENT's sequence survives deletes, so ids are never reused after a purge.
         let last_seq: i64 = conn
-            .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'items'", [], |r| r.get(0))
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'items'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(sqlite)?
             .unwrap_or(0);
@@ -135,7 +162,12 @@ impl Writer {
             .query_row("SELECT COALESCE(MAX(id), 0) FROM items", [], |r| r.get(0))
             .map_err(sqlite)?;
         let disk = DiskGauge::new(config.data_dir.clone(), config.min_free_disk_bytes);
-        Ok(Self { keys, next_id: last_seq.max(last_row) + 1, disk, config })
+        Ok(Self {
+            keys,
+            next_id: last_seq.max(last_row) + 1,
+            disk,
+            config,
+        })
     }
 
     fn apply_batch(&mut self, conn: &mut Connection, batch: Vec<Command>) {
@@ -185,12 +217,19 @@ impl Writer {
         &mut self,
         tx: &rusqlite::Transaction<'_>,
         op: &Op,
-        has_room: &Result<(), (u64, u64)>,
+        has_room: &Result<(), LowDisk>,
     ) -> rusqlite::Result<Result<Outcome, QueueError>> {
         let now = now_ms();
         match op {
-            Op::Append { item, rejected_reason } => {
-                if let Err((available_bytes, required_bytes)) = *has_room {
+            Op::Append {
+                item,
+                rejected_reason,
+            } => {
+                if let Err(LowDisk {
+                    available_bytes,
+                    required_bytes,
+                }) = *has_room
+                {
                     return Ok(Err(QueueError::DiskFull {
                         path: self.config.data_dir.clone(),
                         available_bytes,
@@ -237,25 +276,43 @@ impl Writer {
                     )?
                     .execute(params![id.0, sink.as_str(), DELIVERED, now])?;
                 Ok(if changed == 0 {
-                    Err(QueueError::NoSuchDelivery { id: *id, sink: sink.to_string() })
+                    Err(QueueError::NoSuchDelivery {
+                        id: *id,
+                        sink: sink.to_string(),
+                    })
                 } else {
                     Ok(Outcome::Done)
                 })
             }
-            Op::MarkFailed { sink, id, error, policy, is_permanent } => {
+            Op::MarkFailed {
+                sink,
+                id,
+                error,
+                policy,
+                is_permanent,
+            } => {
                 let attempts: Option<u32> = tx
-                    .prepare_cached("SELECT attempts FROM deliveries WHERE item_id = ?1 AND sink = ?2")?
+                    .prepare_cached(
+                        "SELECT attempts FROM deliveries WHERE item_id = ?1 AND sink = ?2",
+                    )?
                     .query_row(params![id.0, sink.as_str()], |r| r.get(0))
                     .optional()?;
                 let Some(attempts) = attempts.map(|a| a.saturating_add(1)) else {
-                    return Ok(Err(QueueError::NoSuchDelivery { id: *id, sink: sink.to_string() }));
+                    return Ok(Err(QueueError::NoSuchDelivery {
+                        id: *id,
+                        sink: sink.to_string(),
+                    }));
                 };
                 let is_exhausted = policy.max_attempts.is_some_and(|max| attempts >= max);
                 let (state, outcome, next_at) = if *is_permanent || is_exhausted {
                     (DEAD, FailureOutcome::DeadLettered { attempts }, now)
                 } else {
                     let delay = policy.backoff(attempts);
-                    (PENDING, FailureOutcome::RetryAfter { attempts, delay }, now + delay.as_millis() as i64)
+                    (
+                        PENDING,
+                        FailureOutcome::RetryAfter { attempts, delay },
+                        now + delay.as_millis() as i64,
+                    )
                 };
                 tx.prepare_cached(
                     "UPDATE deliveries SET state = ?3, attempts = ?4, next_attempt_at = ?5, last_error = ?6, updated_at = ?7
@@ -273,7 +330,10 @@ impl Writer {
                     .execute(params![PENDING, now, DEAD, sink.as_ref().map(|s| s.as_str()), id.map(|i| i.0)])?;
                 Ok(Ok(Outcome::Count(changed)))
             }
-            Op::PurgeChunk { settled_before_ms, limit } => {
+            Op::PurgeChunk {
+                settled_before_ms,
+                limit,
+            } => {
                 // An item goes once it is old enough and every delivery of it was delivered
                 // long enough ago; pending and dead deliveries keep it.
                 let ids: Vec<i64> = tx
@@ -284,9 +344,12 @@ impl Writer {
                                            AND (d.state != ?2 OR d.updated_at >= ?1))
                          ORDER BY i.id LIMIT ?3",
                     )?
-                    .query_map(params![settled_before_ms, DELIVERED, *limit as i64], |r| r.get(0))?
+                    .query_map(params![settled_before_ms, DELIVERED, *limit as i64], |r| {
+                        r.get(0)
+                    })?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut delete_deliveries = tx.prepare_cached("DELETE FROM deliveries WHERE item_id = ?1")?;
+                let mut delete_deliveries =
+                    tx.prepare_cached("DELETE FROM deliveries WHERE item_id = ?1")?;
                 let mut delete_item = tx.prepare_cached("DELETE FROM items WHERE id = ?1")?;
                 for id in &ids {
                     delete_deliveries.execute([id])?;
@@ -298,7 +361,9 @@ impl Writer {
                 let free_before: i64 = tx.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
                 tx.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
                 let free_after: i64 = tx.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-                Ok(Ok(Outcome::Count((free_before - free_after).max(0) as usize)))
+                Ok(Ok(Outcome::Count(
+                    (free_before - free_after).max(0) as usize
+                )))
             }
             Op::Checkpoint | Op::Close => Ok(Ok(Outcome::Done)),
         }
@@ -315,7 +380,8 @@ impl Writer {
 
     /// Turns a SQLite failure into the error a caller can act on: a full disk is named as such.
     fn storage_error(&mut self, err: rusqlite::Error) -> QueueError {
-        let is_full = matches!(&err, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::DiskFull);
+        let is_full =
+            matches!(&err, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::DiskFull);
         if is_full {
             let available_bytes = self.disk.available().unwrap_or(0);
             return QueueError::DiskFull {
@@ -324,8 +390,18 @@ impl Writer {
                 required_bytes: self.config.min_free_disk_bytes,
             };
         }
-        QueueError::Sqlite { path: self.config.db_path.clone(), source: err }
+        QueueError::Sqlite {
+            path: self.config.db_path.clone(),
+            source: err,
+        }
     }
+}
+
+/// Free space below the floor: what was seen and what is required.
+#[derive(Debug, Clone, Copy)]
+struct LowDisk {
+    available_bytes: u64,
+    required_bytes: u64,
 }
 
 /// Watches free space under the data directory. Intake stops below the floor, well before
@@ -333,24 +409,31 @@ impl Writer {
 struct DiskGauge {
     dir: PathBuf,
     floor: u64,
-    last_check: Option<(Instant, Result<(), (u64, u64)>)>,
+    last_check: Option<(Instant, Result<(), LowDisk>)>,
 }
 
 impl DiskGauge {
     fn new(dir: PathBuf, floor: u64) -> Self {
-        Self { dir, floor, last_check: None }
+        Self {
+            dir,
+            floor,
+            last_check: None,
+        }
     }
 
-    /// Ok, or Err((available, floor)). Re-reads at most every 250 ms; statvfs is cheap but
+    /// Ok, or how far below the floor the disk is. Re-reads at most every 250 ms; statvfs is cheap but
     /// group commit may call this thousands of times a second.
-    fn check(&mut self) -> Result<(), (u64, u64)> {
+    fn check(&mut self) -> Result<(), LowDisk> {
         if let Some((at, verdict)) = &self.last_check {
             if at.elapsed() < Duration::from_millis(250) {
                 return *verdict;
             }
         }
         let verdict = match self.available() {
-            Ok(available) if available < self.floor => Err((available, self.floor)),
+            Ok(available) if available < self.floor => Err(LowDisk {
+                available_bytes: available,
+                required_bytes: self.floor,
+            }),
             Ok(_) => Ok(()),
             Err(err) => {
                 tracing::warn!(dir = %self.dir.display(), error = %err, "cannot read free disk space");
@@ -384,11 +467,20 @@ mod tests {
         };
         for _ in 0..100 {
             let first = policy.backoff(1);
-            assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1), "{first:?}");
+            assert!(
+                first >= Duration::from_millis(500) && first <= Duration::from_secs(1),
+                "{first:?}"
+            );
             let fourth = policy.backoff(4);
-            assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8), "{fourth:?}");
+            assert!(
+                fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8),
+                "{fourth:?}"
+            );
             let late = policy.backoff(40);
-            assert!(late >= Duration::from_secs(30) && late <= Duration::from_secs(60), "{late:?}");
+            assert!(
+                late >= Duration::from_secs(30) && late <= Duration::from_secs(60),
+                "{late:?}"
+            );
         }
     }
 }

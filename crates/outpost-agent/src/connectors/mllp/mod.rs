@@ -124,9 +124,13 @@ pub struct ConnectAddr(pub String);
 impl<'de> Deserialize<'de> for ConnectAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        let has_port = text.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        let has_port = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !has_port {
-            return Err(serde::de::Error::custom(format!("expected host:port like \"127.0.0.1:2576\", found {text:?}")));
+            return Err(serde::de::Error::custom(format!(
+                "expected host:port like \"127.0.0.1:2576\", found {text:?}"
+            )));
         }
         Ok(ConnectAddr(text))
     }

@@ -26,7 +26,12 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Delivers until shutdown. Returns an error only when the queue itself fails.
 pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), ConnectorError> {
-    let mut sender = Sender { policy: config.retry_policy(), config, client: None, connection_failures: 0 };
+    let mut sender = Sender {
+        policy: config.retry_policy(),
+        config,
+        client: None,
+        connection_failures: 0,
+    };
     loop {
         if cx.shutdown.is_cancelled() {
             break;
@@ -70,7 +75,11 @@ struct Sender {
 
 impl Sender {
     /// Tries one delivery. Returns how long to wait before the next step, if at all.
-    async fn deliver(&mut self, lease: Lease, cx: &SinkContext) -> Result<Option<Duration>, ConnectorError> {
+    async fn deliver(
+        &mut self,
+        lease: Lease,
+        cx: &SinkContext,
+    ) -> Result<Option<Duration>, ConnectorError> {
         let reply = match self.exchange(&lease.payload).await {
             Ok(reply) => reply,
             Err(error) => {
@@ -87,14 +96,21 @@ impl Sender {
         let expected = lease.control_id.as_deref().unwrap_or_default();
         let verdict = match Ack::parse(&reply) {
             Err(err) => Err((format!("invalid ACK from downstream: {err}"), false)),
-            Ok(ack) if !expected.is_empty() && ack.control_id != expected => {
-                Err((format!("ACK names control id {:?}, expected {expected:?}", ack.control_id), false))
-            }
+            Ok(ack) if !expected.is_empty() && ack.control_id != expected => Err((
+                format!(
+                    "ACK names control id {:?}, expected {expected:?}",
+                    ack.control_id
+                ),
+                false,
+            )),
             Ok(ack) if ack.code.is_accept() => Ok(()),
             Ok(ack) => {
                 let text = ack.text.as_deref().unwrap_or("no reason given");
                 let is_permanent = self.config.on_negative_ack == NegativeAckPolicy::DeadLetter;
-                Err((format!("downstream answered {}: {text}", ack.code.as_str()), is_permanent))
+                Err((
+                    format!("downstream answered {}: {text}", ack.code.as_str()),
+                    is_permanent,
+                ))
             }
         };
         match verdict {
@@ -112,13 +128,28 @@ impl Sender {
                     self.client = None;
                 }
                 cx.health.record_failure(&cx.name, &error);
-                match cx.queue.mark_failed(&cx.name, lease.id, &error, self.policy, is_permanent).await? {
+                match cx
+                    .queue
+                    .mark_failed(&cx.name, lease.id, &error, self.policy, is_permanent)
+                    .await?
+                {
                     FailureOutcome::RetryAfter { attempts, delay } => {
-                        tracing::warn!(control_id = expected, attempts, retry_in_ms = delay.as_millis() as u64, error, "delivery refused; will retry");
+                        tracing::warn!(
+                            control_id = expected,
+                            attempts,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error,
+                            "delivery refused; will retry"
+                        );
                         cx.health.set_state(&cx.name, ConnectorState::BackingOff);
                     }
                     FailureOutcome::DeadLettered { attempts } => {
-                        tracing::warn!(control_id = expected, attempts, error, "delivery refused; moved to dead letters");
+                        tracing::warn!(
+                            control_id = expected,
+                            attempts,
+                            error,
+                            "delivery refused; moved to dead letters"
+                        );
                         self.report(cx, &lease, DeliveryOutcome::DeadLettered(error));
                     }
                 }
@@ -133,19 +164,30 @@ impl Sender {
             Some(client) => client,
             None => {
                 let timeout = Duration::from_secs(self.config.connect_timeout_secs.max(1));
-                let client = MllpClient::connect(self.config.connect.0.as_str(), timeout, self.config.max_frame_bytes)
-                    .await
-                    .map_err(|err| format!("connect {}: {err}", self.config.connect))?;
+                let client = MllpClient::connect(
+                    self.config.connect.0.as_str(),
+                    timeout,
+                    self.config.max_frame_bytes,
+                )
+                .await
+                .map_err(|err| format!("connect {}: {err}", self.config.connect))?;
                 tracing::info!(connect = %self.config.connect, "connected downstream");
                 self.client.insert(client)
             }
         };
         let timeout = Duration::from_secs(self.config.ack_timeout_secs.max(1));
-        client.request(payload, timeout).await.map_err(|err| format!("{}: {err}", self.config.connect))
+        client
+            .request(payload, timeout)
+            .await
+            .map_err(|err| format!("{}: {err}", self.config.connect))
     }
 
     fn report(&self, cx: &SinkContext, lease: &Lease, outcome: DeliveryOutcome) {
-        if cx.ack_on_delivery_sources.iter().any(|s| s.as_str() == lease.source) {
+        if cx
+            .ack_on_delivery_sources
+            .iter()
+            .any(|s| s.as_str() == lease.source)
+        {
             cx.deliveries.complete(lease.id, outcome);
         }
     }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use outpost_core::ItemKind;
-use outpost_hl7::{build_ack, build_ack_for_unparsed, normalize_segment_terminators, AckCode, Message};
+use outpost_hl7::{
+    build_ack, build_ack_for_unparsed, normalize_segment_terminators, AckCode, Message,
+};
 use outpost_mllp::{Frame, MllpCodec};
 use outpost_queue::{now_ms, NewItem};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,12 +32,21 @@ pub async fn bind_source(config: &SourceConfig) -> Result<TcpListener, Connector
     if addr.ip().is_unspecified() {
         tracing::warn!(%addr, "listening on every interface; name one address (e.g. 127.0.0.1) unless other hosts must connect");
     }
-    TcpListener::bind(addr).await.map_err(|source| ConnectorError::Bind { addr: addr.to_string(), source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ConnectorError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Accepts connections until shutdown, then lets each connection finish the message it is
 /// handling (stored and acknowledged, or not acknowledged at all).
-pub async fn run_source(config: SourceConfig, listener: TcpListener, cx: SourceContext) -> Result<(), ConnectorError> {
+pub async fn run_source(
+    config: SourceConfig,
+    listener: TcpListener,
+    cx: SourceContext,
+) -> Result<(), ConnectorError> {
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let mut connections = JoinSet::new();
@@ -56,14 +67,19 @@ pub async fn run_source(config: SourceConfig, listener: TcpListener, cx: SourceC
         };
         match accepted {
             Ok((stream, peer)) => {
-                let connection = Connection { config: config.clone(), cx: cx.clone(), peer };
+                let connection = Connection {
+                    config: config.clone(),
+                    cx: cx.clone(),
+                    peer,
+                };
                 let span = tracing::info_span!("connection", %peer);
                 connections.spawn(connection.serve(stream, permit).instrument(span));
             }
             Err(err) => {
                 // Running out of file descriptors must not end the listener: wait and retry.
                 tracing::warn!(%listen, error = %err, "accept failed");
-                cx.health.record_failure(&cx.name, &format!("accept on {listen}: {err}"));
+                cx.health
+                    .record_failure(&cx.name, &format!("accept on {listen}: {err}"));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -103,10 +119,14 @@ impl Connection {
                 Ok(None) => break,
                 Ok(Some(Err(err))) => {
                     tracing::warn!(error = %err, "closing connection: {}", describe_framing_error(&err));
-                    self.cx.health.record_failure(&self.cx.name, &format!("{}: {err}", self.peer));
+                    self.cx
+                        .health
+                        .record_failure(&self.cx.name, &format!("{}: {err}", self.peer));
                     break;
                 }
-                Ok(Some(Ok(Frame::Oversized { head, total_bytes }))) => self.refuse_oversized(&head, total_bytes),
+                Ok(Some(Ok(Frame::Oversized { head, total_bytes }))) => {
+                    self.refuse_oversized(&head, total_bytes)
+                }
                 Ok(Some(Ok(Frame::Message(bytes)))) => match self.handle_message(&bytes).await {
                     Some(reply) => reply,
                     None => break,
@@ -135,7 +155,12 @@ impl Connection {
         let Some(control_id) = message.control_id().filter(|id| !id.is_empty()) else {
             let reason = "malformed HL7 message: MSH-10 (message control id) is empty".to_owned();
             let item = self.new_item(&message, normalized.clone(), Vec::new());
-            return Some(self.reject(item, reason, |text, ack_id| build_ack(&message, AckCode::AE, Some(text), &hl7_timestamp(), ack_id)).await);
+            return Some(
+                self.reject(item, reason, |text, ack_id| {
+                    build_ack(&message, AckCode::AE, Some(text), &hl7_timestamp(), ack_id)
+                })
+                .await,
+            );
         };
         let span = tracing::debug_span!("message", msg_type = msg_type.as_deref().unwrap_or(""), control_id = %control_id, bytes = normalized.len());
         let sinks = self.cx.config.sinks_for(&self.cx.name, msg_type.as_deref());
@@ -147,9 +172,11 @@ impl Connection {
             );
             let item = self.new_item(&message, normalized.clone(), Vec::new());
             return Some(
-                self.reject(item, reason, |text, ack_id| build_ack(&message, AckCode::AR, Some(text), &hl7_timestamp(), ack_id))
-                    .instrument(span)
-                    .await,
+                self.reject(item, reason, |text, ack_id| {
+                    build_ack(&message, AckCode::AR, Some(text), &hl7_timestamp(), ack_id)
+                })
+                .instrument(span)
+                .await,
             );
         }
         let item = self.new_item(&message, normalized.clone(), sinks);
@@ -160,16 +187,30 @@ impl Connection {
                     tracing::debug!(item_id = %id, "message stored");
                     let ack_id = format!("A{id}");
                     match self.config.ack {
-                        AckMode::OnCommit => Some(build_ack(&message, AckCode::AA, None, &hl7_timestamp(), &ack_id)),
+                        AckMode::OnCommit => Some(build_ack(
+                            &message,
+                            AckCode::AA,
+                            None,
+                            &hl7_timestamp(),
+                            &ack_id,
+                        )),
                         AckMode::OnDelivery => self.ack_after_delivery(id, &message, &ack_id).await,
                     }
                 }
                 Err(err) => {
                     // Not stored: the sender must keep the message and send it again.
                     tracing::error!(error = %err, "message not stored; answered AR");
-                    self.cx.health.record_failure(&self.cx.name, &err.to_string());
+                    self.cx
+                        .health
+                        .record_failure(&self.cx.name, &err.to_string());
                     let text = format!("message not stored, send it again later: {err}");
-                    Some(build_ack(&message, AckCode::AR, Some(&text), &hl7_timestamp(), &format!("E{}", now_ms())))
+                    Some(build_ack(
+                        &message,
+                        AckCode::AR,
+                        Some(&text),
+                        &hl7_timestamp(),
+                        &format!("E{}", now_ms()),
+                    ))
                 }
             }
         }
@@ -177,7 +218,12 @@ impl Connection {
         .await
     }
 
-    async fn ack_after_delivery(&self, id: outpost_core::ItemId, message: &Message<'_>, ack_id: &str) -> Option<Vec<u8>> {
+    async fn ack_after_delivery(
+        &self,
+        id: outpost_core::ItemId,
+        message: &Message<'_>,
+        ack_id: &str,
+    ) -> Option<Vec<u8>> {
         let outcome = self.cx.deliveries.expect(id);
         tokio::select! {
             outcome = outcome => match outcome {
@@ -195,7 +241,12 @@ impl Connection {
         }
     }
 
-    fn new_item(&self, message: &Message<'_>, payload: Vec<u8>, sinks: Vec<outpost_core::ConnectorName>) -> NewItem {
+    fn new_item(
+        &self,
+        message: &Message<'_>,
+        payload: Vec<u8>,
+        sinks: Vec<outpost_core::ConnectorName>,
+    ) -> NewItem {
         NewItem {
             source: self.cx.name.clone(),
             kind: ItemKind::Hl7,
@@ -219,13 +270,25 @@ impl Connection {
         };
         let sending_app = self.config.sending_application.clone();
         self.reject(item, reason, |text, ack_id| {
-            build_ack_for_unparsed(AckCode::AE, text, &sending_app, &hl7_timestamp(), ack_id, None)
+            build_ack_for_unparsed(
+                AckCode::AE,
+                text,
+                &sending_app,
+                &hl7_timestamp(),
+                ack_id,
+                None,
+            )
         })
         .await
     }
 
     /// Keeps a refused message for inspection, logs why, and builds the negative ACK.
-    async fn reject(&self, item: NewItem, reason: String, build: impl FnOnce(&str, &str) -> Vec<u8>) -> Vec<u8> {
+    async fn reject(
+        &self,
+        item: NewItem,
+        reason: String,
+        build: impl FnOnce(&str, &str) -> Vec<u8>,
+    ) -> Vec<u8> {
         let bytes = item.payload.len();
         let control_id = item.control_id.clone().unwrap_or_default();
         self.cx.health.record_failure(&self.cx.name, &reason);
@@ -251,12 +314,29 @@ impl Connection {
         let head = normalize_segment_terminators(head);
         match Message::parse(&head) {
             Ok(message) => {
-                tracing::warn!(control_id = message.control_id().unwrap_or_default(), total_bytes, "{reason}");
-                build_ack(&message, AckCode::AR, Some(&reason), &hl7_timestamp(), &format!("E{}", now_ms()))
+                tracing::warn!(
+                    control_id = message.control_id().unwrap_or_default(),
+                    total_bytes,
+                    "{reason}"
+                );
+                build_ack(
+                    &message,
+                    AckCode::AR,
+                    Some(&reason),
+                    &hl7_timestamp(),
+                    &format!("E{}", now_ms()),
+                )
             }
             Err(_) => {
                 tracing::warn!(total_bytes, "{reason}");
-                build_ack_for_unparsed(AckCode::AR, &reason, &self.config.sending_application, &hl7_timestamp(), &format!("E{}", now_ms()), None)
+                build_ack_for_unparsed(
+                    AckCode::AR,
+                    &reason,
+                    &self.config.sending_application,
+                    &hl7_timestamp(),
+                    &format!("E{}", now_ms()),
+                    None,
+                )
             }
         }
     }
@@ -265,10 +345,14 @@ impl Connection {
 fn describe_framing_error(err: &outpost_mllp::MllpError) -> &'static str {
     use outpost_mllp::MllpError;
     match err {
-        MllpError::OutsideFrame { .. } => "bytes outside an MLLP frame (not an MLLP sender, or out of sync)",
+        MllpError::OutsideFrame { .. } => {
+            "bytes outside an MLLP frame (not an MLLP sender, or out of sync)"
+        }
         MllpError::NestedStart { .. } => "a new frame started before the previous one ended",
         MllpError::BadEndBlock { .. } => "frame end (0x1C) not followed by carriage return",
-        MllpError::TruncatedFrame { .. } => "sender closed the connection mid-frame; the partial message was discarded",
+        MllpError::TruncatedFrame { .. } => {
+            "sender closed the connection mid-frame; the partial message was discarded"
+        }
         _ => "connection error",
     }
 }

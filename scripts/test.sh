@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone on Debian with Rust installed:
+#   installs what the tests need (Python and the python-hl7 / hl7apy peers, in a venv under
+#   target/), then runs fmt, clippy and every test, including the real-peer and kill -9 tests.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "[test.sh] $*" >&2; }
+
+# Debian's own python3 is "externally managed", so peers go into a venv of ours.
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+VENV=target/peers-venv
+if ! "$VENV/bin/python" -c 'import hl7, hl7apy' 2>/dev/null; then
+  log "creating $VENV with python-hl7 and hl7apy"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'hl7==0.4.5' 'hl7apy==1.3.5'
+fi
+export OUTPOST_PYTHON="$PWD/$VENV/bin/python"
+export PATH="$PWD/$VENV/bin:$PATH"   # python-hl7's mllp_send
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "cargo test"
+cargo test --workspace "$@"
