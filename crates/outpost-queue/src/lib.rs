@@ -32,12 +32,17 @@ use writer::{Command, Op, Outcome};
 pub const QUEUE_FILE: &str = "queue.db";
 /// The key file's name inside the data directory.
 pub const KEY_FILE: &str = "queue.key";
+/// Disk space held back for the day the disk fills up (see `QueueOptions::reserve_bytes`).
+pub const RESERVE_FILE: &str = "queue.reserve";
 
 /// Settings with defaults that suit a practice server.
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
     /// Intake stops while less than this is free on the data directory's disk.
     pub min_free_disk_bytes: u64,
+    /// Space kept in a reserve file and given up when the disk fills anyway (another
+    /// program filled it), so deliveries can still be recorded and the queue drained.
+    pub reserve_bytes: u64,
     /// The most commands one transaction (one fsync) may carry.
     pub max_batch: usize,
 }
@@ -46,6 +51,7 @@ impl Default for QueueOptions {
     fn default() -> Self {
         Self {
             min_free_disk_bytes: 64 * 1024 * 1024,
+            reserve_bytes: 8 * 1024 * 1024,
             max_batch: 1024,
         }
     }
@@ -194,6 +200,7 @@ impl Queue {
             keys,
             QueueOptions {
                 min_free_disk_bytes: 0,
+                reserve_bytes: 0,
                 ..QueueOptions::default()
             },
         )
@@ -236,6 +243,7 @@ impl Queue {
             data_dir: data_dir.to_owned(),
             db_path: db_path.clone(),
             min_free_disk_bytes: options.min_free_disk_bytes,
+            reserve_bytes: options.reserve_bytes,
             max_batch: options.max_batch.max(1),
         };
         let writer_keys = keys.clone();

@@ -70,6 +70,7 @@ pub(crate) struct WriterConfig {
     pub data_dir: PathBuf,
     pub db_path: PathBuf,
     pub min_free_disk_bytes: u64,
+    pub reserve_bytes: u64,
     pub max_batch: usize,
 }
 
@@ -118,6 +119,11 @@ pub(crate) fn run(
         }
         let has_append = batch.iter().any(|c| matches!(c.op, Op::Append { .. }));
         writer.apply_batch(&mut conn, batch);
+        if writer.is_out_of_space {
+            // On a full disk the WAL must not grow: checkpoint after every batch so the
+            // next one reuses the WAL from its start instead of appending to it.
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
         if has_append {
             appended.send_modify(|generation| *generation += 1);
         }
@@ -140,6 +146,10 @@ struct Writer {
     config: WriterConfig,
     next_id: i64,
     disk: DiskGauge,
+    reserve: Reserve,
+    /// Set when the disk filled up and the reserve was given up so that deliveries can
+    /// still be recorded; intake stays refused until the reserve can be made again.
+    is_out_of_space: bool,
 }
 
 impl Writer {
@@ -162,10 +172,23 @@ impl Writer {
             .query_row("SELECT COALESCE(MAX(id), 0) FROM items", [], |r| r.get(0))
             .map_err(sqlite)?;
         let disk = DiskGauge::new(config.data_dir.clone(), config.min_free_disk_bytes);
+        let reserve = Reserve {
+            path: config.data_dir.join(crate::RESERVE_FILE),
+            bytes: config.reserve_bytes,
+        };
+        let is_out_of_space = match reserve.ensure() {
+            Ok(()) => false,
+            Err(err) => {
+                tracing::error!(path = %reserve.path.display(), error = %err, "cannot create the disk space reserve; intake paused until there is room");
+                true
+            }
+        };
         Ok(Self {
             keys,
             next_id: last_seq.max(last_row) + 1,
             disk,
+            reserve,
+            is_out_of_space,
             config,
         })
     }
@@ -185,12 +208,67 @@ impl Writer {
             }
         }
         for cmd in batch {
-            let outcome = match self.try_batch(conn, std::slice::from_ref(&cmd)) {
-                Ok(mut outcomes) => outcomes.pop().unwrap_or(Err(QueueError::Closed)),
-                Err(err) => Err(self.storage_error(err)),
-            };
+            let mut outcome = self.try_alone(conn, &cmd);
+            if matches!(outcome, Err(QueueError::DiskFull { .. })) && self.give_up_reserve() {
+                // Room for bookkeeping again; intake stays refused while out of space.
+                outcome = self.try_alone(conn, &cmd);
+            }
             let _ = cmd.reply.send(outcome);
         }
+    }
+
+    fn try_alone(&mut self, conn: &mut Connection, cmd: &Command) -> Result<Outcome, QueueError> {
+        match self.try_batch(conn, std::slice::from_ref(cmd)) {
+            Ok(mut outcomes) => outcomes.pop().unwrap_or(Err(QueueError::Closed)),
+            Err(err) => Err(self.storage_error(err)),
+        }
+    }
+
+    /// Deletes the reserve file so that marking items delivered (which frees space) can
+    /// still be committed on a full disk. Returns whether there was a reserve to give up.
+    fn give_up_reserve(&mut self) -> bool {
+        let had_reserve = self.reserve.release();
+        if had_reserve {
+            tracing::error!(
+                data_dir = %self.config.data_dir.display(),
+                reserve_bytes = self.reserve.bytes,
+                "disk full: released the space reserve so deliveries can still be recorded; intake paused until space is freed"
+            );
+        }
+        self.is_out_of_space = true;
+        had_reserve
+    }
+
+    /// Whether an append may proceed: not while out of space (until the reserve can be
+    /// made again with room to spare), nor below the free-space floor.
+    fn intake_room(&mut self) -> Result<(), LowDisk> {
+        if self.is_out_of_space {
+            let available_bytes = self.disk.available().unwrap_or(0);
+            let required_bytes = self
+                .config
+                .min_free_disk_bytes
+                .saturating_add(self.reserve.bytes.saturating_mul(2));
+            if available_bytes < required_bytes {
+                return Err(LowDisk {
+                    available_bytes,
+                    required_bytes,
+                });
+            }
+            match self.reserve.ensure() {
+                Ok(()) => {
+                    self.is_out_of_space = false;
+                    tracing::info!(available_bytes, "disk space recovered; intake resumed");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot recreate the disk space reserve");
+                    return Err(LowDisk {
+                        available_bytes,
+                        required_bytes,
+                    });
+                }
+            }
+        }
+        self.disk.check()
     }
 
     /// Applies every command in one transaction. An `Err` means nothing was committed.
@@ -200,7 +278,7 @@ impl Writer {
         batch: &[Command],
     ) -> rusqlite::Result<Vec<Result<Outcome, QueueError>>> {
         let has_room = if batch.iter().any(|c| matches!(c.op, Op::Append { .. })) {
-            self.disk.check()
+            self.intake_room()
         } else {
             Ok(())
         };
@@ -394,6 +472,41 @@ impl Writer {
             path: self.config.db_path.clone(),
             source: err,
         }
+    }
+}
+
+/// A file of real (not sparse) zeros, deleted when the disk fills up so that the queue
+/// can still record deliveries, the only thing that frees space.
+struct Reserve {
+    path: PathBuf,
+    bytes: u64,
+}
+
+impl Reserve {
+    fn ensure(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.bytes == 0 || std::fs::metadata(&self.path).is_ok_and(|m| m.len() == self.bytes) {
+            return Ok(());
+        }
+        let result = (|| {
+            let mut file = std::fs::File::create(&self.path)?;
+            let chunk = vec![0u8; 64 * 1024];
+            let mut written = 0u64;
+            while written < self.bytes {
+                let n = chunk.len().min((self.bytes - written) as usize);
+                file.write_all(&chunk[..n])?;
+                written += n as u64;
+            }
+            file.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        result
+    }
+
+    fn release(&self) -> bool {
+        std::fs::remove_file(&self.path).is_ok()
     }
 }
 
