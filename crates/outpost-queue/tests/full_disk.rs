@@ -3,6 +3,7 @@
 //! Needs root for `mount -t tmpfs` (CI runs as root).
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;
