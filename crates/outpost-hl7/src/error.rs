@@ -8,10 +8,10 @@ pub enum ParseError {
     #[error("empty input")]
     Empty,
     /// The input does not start with the three bytes `MSH`.
-    #[error("input does not start with an msh segment")]
+    #[error("input does not start with an MSH segment")]
     MissingMsh,
     /// The MSH segment ends before the field separator and two encoding characters.
-    #[error("msh segment too short to hold delimiters ({len} bytes)")]
+    #[error("MSH segment too short to hold delimiters ({len} bytes)")]
     MshTooShort {
         /// Length of the MSH segment in bytes.
         len: usize,
@@ -36,13 +36,13 @@ pub enum ParseError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
     /// The bytes are not an HL7 v2 message.
-    #[error("ack is not an hl7 message: {0}")]
+    #[error("ACK is not an HL7 message: {0}")]
     NotHl7(#[from] ParseError),
     /// The message has no MSA segment.
-    #[error("ack has no msa segment")]
+    #[error("ACK has no MSA segment")]
     MissingMsa,
     /// MSA-1 is not one of AA, AE, AR, CA, CE, CR.
-    #[error("ack for control id {control_id:?}: msa-1 is not a known acknowledgment code")]
+    #[error("ACK for control id {control_id:?}: MSA-1 is not a known acknowledgment code")]
     UnknownCode {
         /// MSA-2, the control id of the acknowledged message, when present.
         control_id: Option<String>,
