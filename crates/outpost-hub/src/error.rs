@@ -1,0 +1,44 @@
+//! Hub errors. API handlers turn them into JSON `{code, message}` through `ApiError`.
+
+use std::path::PathBuf;
+
+/// A hub failure.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The SQLite store failed.
+    #[error("hub store {}: {source}", path.display())]
+    Sqlite {
+        /// The store file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The store's worker went away.
+    #[error("hub store unavailable")]
+    StoreUnavailable,
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material could not be made or loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The config is wrong; the message names file and key.
+    #[error("{0}")]
+    Config(String),
+    /// Binding the listen address failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}

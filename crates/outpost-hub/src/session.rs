@@ -1,0 +1,204 @@
+//! One agent's WebSocket session: challenge, proof of key possession, then items up
+//! (stored, then acknowledged by id), heartbeats, and messages down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use futures::{SinkExt, StreamExt};
+use outpost_proto::{AgentToHub, HubToAgent, Payload, PROTOCOL_VERSION};
+use rand::RngCore;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{AgentRecord, NewMessage};
+use crate::{now_ms, HubState, SessionHandle};
+
+/// An agent that has not proven its key within this long is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Runs a session until the agent goes, the session is replaced or revoked, or shutdown.
+pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener::PeerAddr) {
+    let (mut sender, mut receiver) = socket.split();
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let nonce = hex::encode(nonce);
+    let challenge = HubToAgent::Challenge { nonce: nonce.clone(), protocol: PROTOCOL_VERSION };
+    if sender.send(Message::Text(outpost_proto::encode(&challenge).into())).await.is_err() {
+        return;
+    }
+    let agent = match authenticate(&mut receiver, &state, &nonce).await {
+        Ok(agent) => agent,
+        Err(reason) => {
+            tracing::warn!(%peer, reason, "agent session refused");
+            let refused = HubToAgent::Refused { reason };
+            let _ = sender.send(Message::Text(outpost_proto::encode(&refused).into())).await;
+            let _ = sender.close().await;
+            return;
+        }
+    };
+    let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let cancel = CancellationToken::new();
+    let (outbox, mut outgoing) = mpsc::channel::<HubToAgent>(256);
+    state.sessions.register(&agent.id, SessionHandle { session_id, outbox: outbox.clone(), cancel: cancel.clone(), since_ms: now_ms() });
+    tracing::info!(agent_id = %agent.id, name = %agent.name, %peer, "agent connected");
+
+    let welcome = HubToAgent::Welcome { heartbeat_secs: state.config.heartbeat.as_secs(), hub_time_ms: now_ms() };
+    let _ = outbox.send(welcome).await;
+    match state.store.open_downs(&agent.id).await {
+        Ok(downs) => {
+            for down in downs {
+                let _ = outbox.send(HubToAgent::Deliver { down_id: down.id, sink: down.sink, payload: Payload(down.payload) }).await;
+            }
+        }
+        Err(err) => tracing::warn!(agent_id = %agent.id, error = %err, "cannot read messages waiting for this agent"),
+    }
+
+    let writer_cancel = cancel.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = writer_cancel.cancelled() => break,
+                next = outgoing.recv() => next,
+            };
+            let Some(message) = next else { break };
+            if sender.send(Message::Text(outpost_proto::encode(&message).into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sender.close().await;
+    });
+
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => break,
+            frame = receiver.next() => frame,
+        };
+        let text = match frame {
+            None => break,
+            Some(Err(err)) => {
+                tracing::warn!(agent_id = %agent.id, error = %err, "agent session broke");
+                break;
+            }
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) => break,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Binary(_))) => {
+                tracing::warn!(agent_id = %agent.id, "agent sent a binary frame; closing the session");
+                break;
+            }
+        };
+        let message = match outpost_proto::decode::<AgentToHub>(&text) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(agent_id = %agent.id, error = %err, bytes = text.len(), "agent sent an invalid message; closing the session");
+                break;
+            }
+        };
+        if let Err(err) = handle(&state, &agent, &outbox, message).await {
+            tracing::error!(agent_id = %agent.id, error = %err, "cannot handle agent message; closing the session so the agent resends");
+            break;
+        }
+    }
+    cancel.cancel();
+    let _ = writer.await;
+    state.sessions.unregister(&agent.id, session_id);
+    tracing::info!(agent_id = %agent.id, "agent disconnected");
+}
+
+async fn authenticate(
+    receiver: &mut futures::stream::SplitStream<WebSocket>,
+    state: &HubState,
+    nonce: &str,
+) -> Result<AgentRecord, String> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, receiver.next())
+        .await
+        .map_err(|_| format!("no hello within {} s", HELLO_TIMEOUT.as_secs()))?;
+    let text = match first {
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(_)) => return Err("expected a hello text message".into()),
+        Some(Err(err)) => return Err(format!("session broke before hello: {err}")),
+        None => return Err("closed before hello".into()),
+    };
+    let (agent_id, protocol, signature) = match outpost_proto::decode::<AgentToHub>(&text) {
+        Ok(AgentToHub::Hello { agent_id, protocol, signature, .. }) => (agent_id, protocol, signature),
+        Ok(_) => return Err("expected hello first".into()),
+        Err(err) => return Err(err.to_string()),
+    };
+    if protocol != PROTOCOL_VERSION {
+        return Err(format!("protocol {protocol} is not supported (hub speaks {PROTOCOL_VERSION})"));
+    }
+    let agent = state
+        .store
+        .agent(&agent_id)
+        .await
+        .map_err(|err| format!("hub store unavailable: {err}"))?
+        .ok_or_else(|| format!("unknown agent {agent_id}: enroll it again"))?;
+    if agent.revoked_at_ms.is_some() {
+        return Err(format!("agent {agent_id} is revoked"));
+    }
+    let key_bytes: [u8; 32] = hex::decode(&agent.public_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("agent {agent_id} has an unreadable public key on record"))?;
+    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| format!("agent {agent_id} has an invalid public key on record"))?;
+    let signature_bytes: [u8; 64] = hex::decode(&signature)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| "signature is not 64 bytes of hex".to_owned())?;
+    key.verify(&outpost_proto::session_proof(nonce, &agent_id), &Signature::from_bytes(&signature_bytes))
+        .map_err(|_| format!("signature does not match the key enrolled for agent {agent_id}"))?;
+    Ok(agent)
+}
+
+async fn handle(
+    state: &HubState,
+    agent: &AgentRecord,
+    outbox: &mpsc::Sender<HubToAgent>,
+    message: AgentToHub,
+) -> Result<(), crate::HubError> {
+    match message {
+        AgentToHub::Items { items } => {
+            let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+            let messages: Vec<NewMessage> = items
+                .into_iter()
+                .map(|i| NewMessage {
+                    item_id: i.id,
+                    source: i.source,
+                    kind: i.kind,
+                    msg_type: i.msg_type,
+                    control_id: i.control_id,
+                    received_at_ms: i.received_at_ms,
+                    payload: i.payload.0,
+                })
+                .collect();
+            let inserted = state.store.insert_messages(&agent.id, &messages, now_ms()).await?;
+            if inserted > 0 {
+                let last = state.store.last_cursor().await?;
+                state.last_cursor.send_replace(last);
+            }
+            tracing::debug!(agent_id = %agent.id, received = ids.len(), inserted, "items stored");
+            let _ = outbox.send(HubToAgent::Stored { ids }).await;
+        }
+        AgentToHub::Heartbeat { inventory } => {
+            let value = serde_json::to_value(&*inventory).unwrap_or(serde_json::Value::Null);
+            state.store.update_inventory(&agent.id, &value, now_ms()).await?;
+        }
+        AgentToHub::DownState { down_id, state: down_state, item_id, error } => {
+            let known = ["queued", "delivered", "dead", "refused"];
+            if !known.contains(&down_state.as_str()) {
+                tracing::warn!(agent_id = %agent.id, down_id, "agent reported an unknown state for a message");
+                return Ok(());
+            }
+            state.store.update_down(&down_id, &agent.id, &down_state, item_id, error.as_deref(), now_ms()).await?;
+        }
+        AgentToHub::Hello { .. } => {
+            tracing::warn!(agent_id = %agent.id, "agent sent a second hello; ignored");
+        }
+    }
+    Ok(())
+}
