@@ -9,7 +9,7 @@ use outpost_core::ConnectorName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::connectors::{mllp, SinkKind, SourceKind};
+use crate::connectors::{hub, mllp, SinkKind, SourceKind};
 use crate::ConfigError;
 
 /// A loaded, checked agent config.
@@ -32,7 +32,29 @@ pub struct AgentConfig {
     pub sinks: Vec<SinkConfig>,
     /// `[[route]]` tables.
     pub routes: Vec<RouteConfig>,
+    /// `[hub]`: connect to a hub (also implied by a `kind = "hub"` sink).
+    pub hub: Option<HubConfig>,
 }
+
+/// `[hub]`: where the hub is and how to enroll on first start. After enrollment the
+/// hub's address and pinned CA are kept in the data directory; these keys then only
+/// matter for a first start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// The hub's base URL, e.g. `https://hub.example.com:8443`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A one-time enrollment token; used once, on first start, if not enrolled yet.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The hub's CA certificate (PEM) to pin; without it the public roots are trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The source name items from the hub carry; no connector may use it.
+pub const HUB_SOURCE: &str = "hub";
 
 /// One `[[source]]`.
 #[derive(Debug, Clone)]
@@ -83,6 +105,8 @@ struct RawConfig {
     sink: Vec<toml::Table>,
     #[serde(default)]
     route: Vec<toml::Table>,
+    #[serde(default)]
+    hub: Option<toml::Table>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -101,7 +125,7 @@ fn default_shutdown_grace_secs() -> u64 {
 /// The source kinds this version knows, for error messages.
 const SOURCE_KINDS: &str = "\"mllp\"";
 /// The sink kinds this version knows, for error messages.
-const SINK_KINDS: &str = "\"mllp\"";
+const SINK_KINDS: &str = "\"mllp\", \"hub\"";
 
 impl AgentConfig {
     /// Reads and checks the config file.
@@ -146,6 +170,9 @@ impl AgentConfig {
                 "mllp" => {
                     SinkKind::Mllp(deserialize_at::<mllp::SinkConfig>(rest, &at).map_err(&invalid)?)
                 }
+                "hub" => {
+                    SinkKind::Hub(deserialize_at::<hub::SinkConfig>(rest, &at).map_err(&invalid)?)
+                }
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
             sinks.push(SinkConfig { name, kind });
@@ -161,7 +188,19 @@ impl AgentConfig {
             );
         }
 
+        let hub = match raw.hub {
+            Some(table) => Some(
+                deserialize_at::<HubConfig>(toml::Value::Table(table), "hub").map_err(&invalid)?,
+            ),
+            None => None,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
+        let hub = hub.map(|mut hub| {
+            hub.ca_file = hub
+                .ca_file
+                .map(|ca| if ca.is_absolute() { ca } else { base.join(ca) });
+            hub
+        });
         let config = AgentConfig {
             path: path.to_owned(),
             data_dir: if raw.data_dir.is_absolute() {
@@ -175,6 +214,7 @@ impl AgentConfig {
             sources,
             sinks,
             routes,
+            hub,
         };
         config.check().map_err(invalid)?;
         Ok(config)
@@ -185,6 +225,29 @@ impl AgentConfig {
     /// one sink that can return an acknowledgement.
     fn check(&self) -> Result<(), String> {
         let mut names = HashSet::new();
+        for (role, index, name) in self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ("source", i, &s.name))
+            .chain(
+                self.sinks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ("sink", i, &s.name)),
+            )
+        {
+            if name.as_str() == HUB_SOURCE {
+                return Err(format!("key `{role}[{index}].name`: \"{HUB_SOURCE}\" is reserved for messages from the hub; choose another name"));
+            }
+        }
+        if let Some(url) = self.hub.as_ref().and_then(|h| h.url.as_deref()) {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "key `hub.url`: expected an https:// URL, found {url:?}"
+                ));
+            }
+        }
         for (index, name) in self.sources.iter().map(|s| &s.name).enumerate() {
             if !names.insert(name.clone()) {
                 return Err(format!("key `source[{index}].name`: \"{name}\" is already used by another connector; names must be unique"));
@@ -259,6 +322,15 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// Whether the agent connects to a hub.
+    pub fn uses_hub(&self) -> bool {
+        self.hub.is_some()
+            || self
+                .sinks
+                .iter()
+                .any(|s| matches!(s.kind, SinkKind::Hub(_)))
+    }
+
     /// The sinks an item from `source` of HL7 type `msh9` goes to, each once, in config order.
     pub fn sinks_for(&self, source: &ConnectorName, msh9: Option<&str>) -> Vec<ConnectorName> {
         let mut sinks: Vec<ConnectorName> = Vec::new();
@@ -323,7 +395,19 @@ fn unknown_kind(at: &str, found: &str, kinds: &str) -> String {
 /// Deserializes `value`, naming the exact key that failed (prefixed by `at`).
 fn deserialize_at<T: DeserializeOwned>(value: toml::Value, at: &str) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|err| {
-        let inner = err.path().to_string();
+        let mut inner = err.path().to_string();
+        let message = err.inner().to_string();
+        // serde reports a missing key at its table; name the key itself, like every other error.
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            inner = if inner == "." {
+                missing.to_owned()
+            } else {
+                format!("{inner}.{missing}")
+            };
+        }
         let key = match (at.is_empty(), inner.as_str()) {
             (true, ".") => String::new(),
             (true, inner) => inner.to_owned(),

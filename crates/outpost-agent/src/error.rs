@@ -31,6 +31,9 @@ pub enum AgentError {
     /// The queue failed.
     #[error(transparent)]
     Queue(#[from] outpost_queue::QueueError),
+    /// The hub link could not be set up (not enrolled, enrollment refused, bad CA file).
+    #[error(transparent)]
+    Uplink(#[from] outpost_uplink::UplinkError),
     /// A connector could not start.
     #[error("{kind} \"{name}\": {message}")]
     Connector {
@@ -67,4 +70,7 @@ pub enum ConnectorError {
     /// The queue failed.
     #[error(transparent)]
     Queue(#[from] outpost_queue::QueueError),
+    /// Something the connector needs is not there.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod connectors;
 mod error;
 pub mod health;
+mod hub_link;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -130,6 +131,19 @@ pub async fn start(
         }
     }
 
+    let uplink = if config.uses_hub() {
+        Some(
+            hub_link::start(
+                config.clone(),
+                queue.clone(),
+                health.clone(),
+                shutdown.child_token(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let on_delivery: Vec<ConnectorName> = config
         .sources
         .iter()
@@ -145,6 +159,7 @@ pub async fn start(
             deliveries: deliveries.clone(),
             health: health.clone(),
             shutdown: shutdown.child_token(),
+            uplink: uplink.clone(),
         };
         match &sink.kind {
             SinkKind::Mllp(mllp_config) => {
@@ -155,6 +170,18 @@ pub async fn start(
                 tasks.spawn(
                     supervise(name, health, stop, "sink", move || {
                         mllp::run_sink(mllp_config.clone(), cx.clone())
+                    })
+                    .instrument(span),
+                );
+            }
+            SinkKind::Hub(hub_config) => {
+                let hub_config = hub_config.clone();
+                let span = tracing::info_span!("connector", name = %sink.name, kind = "hub");
+                let (name, health, stop) =
+                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                tasks.spawn(
+                    supervise(name, health, stop, "sink", move || {
+                        connectors::hub::run_sink(hub_config.clone(), cx.clone())
                     })
                     .instrument(span),
                 );

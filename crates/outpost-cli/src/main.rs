@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod downstream;
+mod hub;
 mod inspect;
 mod samples;
 mod signals;
@@ -35,8 +36,18 @@ enum Command {
     /// Run the agent until SIGTERM or Ctrl-C.
     Agent {
         /// The agent's TOML config.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<hub::AgentAction>,
+    },
+    /// Run the hub (HTTPS API, agents' sessions, dashboard), or manage it.
+    Hub {
+        /// The hub's TOML config (default: built-in settings, data in ./outpost-hub).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<hub::HubAction>,
     },
     /// Run an agent, a downstream MLLP server and a sender on loopback, and show where the
     /// messages went.
@@ -51,8 +62,8 @@ enum Command {
     /// Inspect the queue: depth per sink, dead letters, retries.
     Queue {
         /// The agent's TOML config (its data_dir holds the queue).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         action: inspect::QueueAction,
     },
@@ -70,8 +81,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS implementation for every client and server in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let default_filter = match cli.command {
-        Command::Agent { .. } => "info",
+        Command::Agent { action: None, .. } | Command::Hub { action: None, .. } => "info",
         _ => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_filter));
@@ -88,7 +101,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             ExitCode::FAILURE
         }
     }
@@ -96,9 +109,19 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Agent { config } => run_agent(config).await,
+        Command::Agent {
+            config,
+            action: None,
+        } => run_agent(required(config)?).await,
+        Command::Agent {
+            config,
+            action: Some(action),
+        } => hub::agent_action(&load_config(&required(config)?)?, action).await,
+        Command::Hub { config, action } => hub::run(config, action).await,
         Command::Demo { run_for, data_dir } => demo::run(run_for, data_dir).await,
-        Command::Queue { config, action } => inspect::queue(&load_config(&config)?, action).await,
+        Command::Queue { config, action } => {
+            inspect::queue(&load_config(&required(config)?)?, action).await
+        }
         Command::Hl7 { action } => inspect::hl7(action).await,
         Command::Bench { target } => bench::run(target).await,
     }
@@ -122,6 +145,29 @@ async fn run_agent(config_path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The error and its causes on one line, each said once: our error types already put
+/// their cause's text in their own message.
+fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// `--config` is global (so it may follow the action) and global arguments cannot be
+/// required by clap itself.
+fn required(config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    config.context("this command needs the agent's config: --config FILE")
+}
+
 fn load_config(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig::load(path)?)
 }
@@ -133,5 +179,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: log files and service logs must stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -47,20 +47,35 @@ pub struct ApiError {
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
 impl From<HubError> for ApiError {
     fn from(err: HubError) -> Self {
         tracing::error!(error = %err, "request failed");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the hub's store is unavailable; try again")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the hub's store is unavailable; try again",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { code: self.code.to_owned(), message: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                code: self.code.to_owned(),
+                message: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -73,20 +88,34 @@ pub struct ApiCaller {
 impl FromRequestParts<Arc<HubState>> for ApiCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<HubState>) -> Result<Self, Self::Rejection> {
-        let header_value = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<HubState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header_value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let key = match header_value.and_then(|v| v.strip_prefix("Bearer ")) {
             Some(key) => key.to_owned(),
             None => match crate::dashboard::session_key(parts) {
                 Some(key) => key,
                 None => {
-                    return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "send an API key as `Authorization: Bearer <key>`"))
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "missing_api_key",
+                        "send an API key as `Authorization: Bearer <key>`",
+                    ))
                 }
             },
         };
         match state.store.api_key(&secrets::hash_secret(&key)).await? {
             Some(name) => Ok(ApiCaller { name }),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid (unknown or revoked)")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "the API key is not valid (unknown or revoked)",
+            )),
         }
     }
 }
@@ -95,20 +124,49 @@ impl FromRequestParts<Arc<HubState>> for ApiCaller {
 #[utoipa::path(post, path = "/api/v1/enroll", request_body = Object, responses(
     (status = 200, description = "enrolled", body = Object),
     (status = 403, description = "token unknown, reused or expired", body = Object)))]
-async fn enroll(State(state): State<Arc<HubState>>, ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>, body: String) -> Result<Json<EnrollResponse>, ApiError> {
-    let request: EnrollRequest =
-        serde_json::from_str(&body).map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid enrollment request: {err}")))?;
-    let key_ok = hex::decode(&request.public_key).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).is_some_and(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).is_ok());
+async fn enroll(
+    State(state): State<Arc<HubState>>,
+    ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>,
+    body: String,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let request: EnrollRequest = serde_json::from_str(&body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid enrollment request: {err}"),
+        )
+    })?;
+    let key_ok = hex::decode(&request.public_key)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .is_some_and(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).is_ok());
     if !key_ok {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key must be an Ed25519 public key in hex (64 characters)"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_public_key",
+            "public_key must be an Ed25519 public key in hex (64 characters)",
+        ));
     }
-    let name = match state.store.consume_token(&secrets::hash_secret(&request.token), now_ms()).await? {
+    let name = match state
+        .store
+        .consume_token(&secrets::hash_secret(&request.token), now_ms())
+        .await?
+    {
         Ok(name) => name,
         Err(refusal) => {
             let (code, message) = match refusal {
-                TokenRefusal::Unknown => ("token_unknown", "this enrollment token is not known to the hub"),
-                TokenRefusal::Reused => ("token_reused", "this enrollment token was already used; ask for a new one"),
-                TokenRefusal::Expired => ("token_expired", "this enrollment token has expired; ask for a new one"),
+                TokenRefusal::Unknown => (
+                    "token_unknown",
+                    "this enrollment token is not known to the hub",
+                ),
+                TokenRefusal::Reused => (
+                    "token_reused",
+                    "this enrollment token was already used; ask for a new one",
+                ),
+                TokenRefusal::Expired => (
+                    "token_expired",
+                    "this enrollment token has expired; ask for a new one",
+                ),
             };
             tracing::warn!(%peer, code, "enrollment refused");
             return Err(ApiError::new(StatusCode::FORBIDDEN, code, message));
@@ -126,10 +184,17 @@ async fn enroll(State(state): State<Arc<HubState>>, ConnectInfo(peer): ConnectIn
     };
     state.store.insert_agent(&agent).await?;
     tracing::info!(agent_id = %agent.id, name = %name, %peer, "agent enrolled");
-    Ok(Json(EnrollResponse { agent_id: agent.id, name }))
+    Ok(Json(EnrollResponse {
+        agent_id: agent.id,
+        name,
+    }))
 }
 
-async fn agent_session(ws: WebSocketUpgrade, State(state): State<Arc<HubState>>, ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>) -> Response {
+async fn agent_session(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<HubState>>,
+    ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>,
+) -> Response {
     ws.max_message_size(outpost_proto::MAX_FRAME_BYTES)
         .max_frame_size(outpost_proto::MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session::run(socket, state, peer))
@@ -151,20 +216,37 @@ pub(crate) fn agent_view(state: &HubState, agent: AgentRecord) -> AgentView {
 
 /// Lists agents with their health.
 #[utoipa::path(get, path = "/api/v1/agents", responses((status = 200, body = [AgentView])), security(("api_key" = [])))]
-async fn list_agents(_caller: ApiCaller, State(state): State<Arc<HubState>>) -> Result<Json<Vec<AgentView>>, ApiError> {
+async fn list_agents(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+) -> Result<Json<Vec<AgentView>>, ApiError> {
     let agents = state.store.agents().await?;
-    Ok(Json(agents.into_iter().map(|a| agent_view(&state, a)).collect()))
+    Ok(Json(
+        agents.into_iter().map(|a| agent_view(&state, a)).collect(),
+    ))
 }
 
 /// One agent.
 #[utoipa::path(get, path = "/api/v1/agents/{id}", params(("id" = String, Path)), responses((status = 200, body = AgentView), (status = 404, body = Object)), security(("api_key" = [])))]
-async fn get_agent(_caller: ApiCaller, State(state): State<Arc<HubState>>, Path(id): Path<String>) -> Result<Json<AgentView>, ApiError> {
-    let agent = state.store.agent(&id).await?.ok_or_else(|| not_found("agent", &id))?;
+async fn get_agent(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    let agent = state
+        .store
+        .agent(&id)
+        .await?
+        .ok_or_else(|| not_found("agent", &id))?;
     Ok(Json(agent_view(&state, agent)))
 }
 
 fn not_found(what: &str, id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} {id:?}"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no {what} {id:?}"),
+    )
 }
 
 /// Query of `GET /api/v1/messages`.
@@ -199,18 +281,29 @@ pub struct MessagesPage {
 
 /// Reads delivered messages as a stream with a cursor.
 #[utoipa::path(get, path = "/api/v1/messages", params(MessagesQuery), responses((status = 200, body = MessagesPage), (status = 400, body = Object)), security(("api_key" = [])))]
-async fn list_messages(_caller: ApiCaller, State(state): State<Arc<HubState>>, Query(query): Query<MessagesQuery>) -> Result<Json<MessagesPage>, ApiError> {
+async fn list_messages(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Query(query): Query<MessagesQuery>,
+) -> Result<Json<MessagesPage>, ApiError> {
     let last = *state.last_cursor.borrow();
     if query.after < 0 || query.after > last {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_cursor",
-            format!("cursor {} is not a position in this hub's stream (0 to {last})", query.after),
+            format!(
+                "cursor {} is not a position in this hub's stream (0 to {last})",
+                query.after
+            ),
         ));
     }
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", "limit must be 1 to 1000"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            "limit must be 1 to 1000",
+        ));
     }
     let filter = MessageFilter {
         after: query.after,
@@ -220,16 +313,29 @@ async fn list_messages(_caller: ApiCaller, State(state): State<Arc<HubState>>, Q
         msg_type: query.msg_type,
         with_payload: query.payload,
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
     let mut changes = state.last_cursor.subscribe();
     loop {
         let messages = state.store.messages(&filter).await?;
         if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
-            let next_cursor = messages.last().map(|m| m.cursor).unwrap_or(filter.after.max(0));
-            return Ok(Json(MessagesPage { messages, next_cursor }));
+            let next_cursor = messages
+                .last()
+                .map(|m| m.cursor)
+                .unwrap_or(filter.after.max(0));
+            return Ok(Json(MessagesPage {
+                messages,
+                next_cursor,
+            }));
         }
-        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-            return Ok(Json(MessagesPage { messages, next_cursor: filter.after }));
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            return Ok(Json(MessagesPage {
+                messages,
+                next_cursor: filter.after,
+            }));
         }
     }
 }
@@ -248,16 +354,43 @@ pub struct DownRequest {
 /// Puts a message on an agent's sink; follow it with `GET /api/v1/down/{id}`.
 #[utoipa::path(post, path = "/api/v1/agents/{id}/messages", params(("id" = String, Path)), request_body = DownRequest,
     responses((status = 202, body = DownMessage), (status = 400, body = Object), (status = 404, body = Object)), security(("api_key" = [])))]
-async fn post_down(caller: ApiCaller, State(state): State<Arc<HubState>>, Path(id): Path<String>, body: String) -> Result<(StatusCode, Json<DownMessage>), ApiError> {
-    let request: DownRequest =
-        serde_json::from_str(&body).map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid body: {err}")))?;
-    let agent = state.store.agent(&id).await?.ok_or_else(|| not_found("agent", &id))?;
+async fn post_down(
+    caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path(id): Path<String>,
+    body: String,
+) -> Result<(StatusCode, Json<DownMessage>), ApiError> {
+    let request: DownRequest = serde_json::from_str(&body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid body: {err}"),
+        )
+    })?;
+    let agent = state
+        .store
+        .agent(&id)
+        .await?
+        .ok_or_else(|| not_found("agent", &id))?;
     if agent.revoked_at_ms.is_some() {
-        return Err(ApiError::new(StatusCode::CONFLICT, "agent_revoked", format!("agent {id} is revoked")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_revoked",
+            format!("agent {id} is revoked"),
+        ));
     }
-    let sink_ok = !request.sink.is_empty() && request.sink.len() <= 64 && request.sink.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let sink_ok = !request.sink.is_empty()
+        && request.sink.len() <= 64
+        && request
+            .sink
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !sink_ok {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_sink", "sink must be a connector name (A-Z a-z 0-9 . _ -)"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_sink",
+            "sink must be a connector name (A-Z a-z 0-9 . _ -)",
+        ));
     }
     let payload = match (request.message, request.message_base64) {
         (Some(text), None) => text.replace("\r\n", "\r").replace('\n', "\r").into_bytes(),
@@ -265,12 +398,28 @@ async fn post_down(caller: ApiCaller, State(state): State<Arc<HubState>>, Path(i
             use base64::Engine;
             base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
-                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "message_base64 is not valid base64"))?
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "message_base64 is not valid base64",
+                    )
+                })?
         }
-        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "give exactly one of message or message_base64")),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give exactly one of message or message_base64",
+            ))
+        }
     };
     if !payload.starts_with(b"MSH") {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_message", "message must be HL7 v2 starting with MSH"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            "message must be HL7 v2 starting with MSH",
+        ));
     }
     let now = now_ms();
     let down = DownMessage {
@@ -287,7 +436,11 @@ async fn post_down(caller: ApiCaller, State(state): State<Arc<HubState>>, Path(i
     state.store.insert_down(&down).await?;
     tracing::info!(down_id = %down.id, agent_id = %agent.id, sink = %down.sink, api_key = %caller.name, "message accepted for an agent");
     if let Some(session) = state.sessions.get(&agent.id) {
-        let deliver = HubToAgent::Deliver { down_id: down.id.clone(), sink: down.sink.clone(), payload: Payload(down.payload.clone()) };
+        let deliver = HubToAgent::Deliver {
+            down_id: down.id.clone(),
+            sink: down.sink.clone(),
+            payload: Payload(down.payload.clone()),
+        };
         let _ = session.outbox.send(deliver).await;
     }
     Ok((StatusCode::ACCEPTED, Json(down)))
@@ -295,8 +448,18 @@ async fn post_down(caller: ApiCaller, State(state): State<Arc<HubState>>, Path(i
 
 /// Where a message sent down is.
 #[utoipa::path(get, path = "/api/v1/down/{id}", params(("id" = String, Path)), responses((status = 200, body = DownMessage), (status = 404, body = Object)), security(("api_key" = [])))]
-async fn get_down(_caller: ApiCaller, State(state): State<Arc<HubState>>, Path(id): Path<String>) -> Result<Json<DownMessage>, ApiError> {
-    Ok(Json(state.store.down(&id).await?.ok_or_else(|| not_found("message", &id))?))
+async fn get_down(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path(id): Path<String>,
+) -> Result<Json<DownMessage>, ApiError> {
+    Ok(Json(
+        state
+            .store
+            .down(&id)
+            .await?
+            .ok_or_else(|| not_found("message", &id))?,
+    ))
 }
 
 #[derive(OpenApi)]
@@ -314,7 +477,10 @@ impl utoipa::Modify for ApiKeyScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("api_key", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 

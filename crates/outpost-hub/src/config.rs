@@ -77,25 +77,38 @@ impl Default for HubConfig {
 impl HubConfig {
     /// Reads a config file; relative paths are taken from its folder.
     pub fn load(path: &Path) -> Result<Self, HubError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HubError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| HubError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, HubError> {
         let file = path.display();
-        let raw: RawConfig = toml::from_str(text).map_err(|err| HubError::Config(format!("{file}: {}", err.to_string().trim_end())))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|err| HubError::Config(format!("{file}: {}", err.to_string().trim_end())))?;
         let listen = raw.listen.parse().map_err(|_| {
             HubError::Config(format!("{file}: key `listen`: expected an IP address and port like \"127.0.0.1:8443\", found {:?}", raw.listen))
         })?;
-        if raw.database != "sqlite" && !raw.database.starts_with("postgres://") && !raw.database.starts_with("postgresql://") {
-            return Err(HubError::Config(format!("{file}: key `database`: expected \"sqlite\" or a postgres:// URL")));
+        if raw.database != "sqlite"
+            && !raw.database.starts_with("postgres://")
+            && !raw.database.starts_with("postgresql://")
+        {
+            return Err(HubError::Config(format!(
+                "{file}: key `database`: expected \"sqlite\" or a postgres:// URL"
+            )));
         }
         if raw.heartbeat_secs == 0 {
-            return Err(HubError::Config(format!("{file}: key `heartbeat_secs`: expected a whole number of seconds above 0")));
+            return Err(HubError::Config(format!(
+                "{file}: key `heartbeat_secs`: expected a whole number of seconds above 0"
+            )));
         }
         if raw.tls_cert.is_some() != raw.tls_key.is_some() {
-            return Err(HubError::Config(format!("{file}: keys `tls_cert` and `tls_key`: give both or neither")));
+            return Err(HubError::Config(format!(
+                "{file}: keys `tls_cert` and `tls_key`: give both or neither"
+            )));
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };

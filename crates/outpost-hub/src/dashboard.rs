@@ -32,7 +32,11 @@ pub fn routes() -> Router<Arc<HubState>> {
 /// The API key held in the dashboard's cookie.
 pub fn session_key(parts: &Parts) -> Option<String> {
     let cookies = parts.headers.get(header::COOKIE)?.to_str().ok()?;
-    cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_owned))
+    cookies.split(';').find_map(|c| {
+        c.trim()
+            .strip_prefix(&format!("{COOKIE}="))
+            .map(str::to_owned)
+    })
 }
 
 async fn login_page() -> Html<String> {
@@ -51,7 +55,13 @@ struct LoginForm {
 
 async fn login(State(state): State<Arc<HubState>>, Form(form): Form<LoginForm>) -> Response {
     let key = form.key.trim().to_owned();
-    let valid = matches!(state.store.api_key(&crate::secrets::hash_secret(&key)).await, Ok(Some(_)));
+    let valid = matches!(
+        state
+            .store
+            .api_key(&crate::secrets::hash_secret(&key))
+            .await,
+        Ok(Some(_))
+    );
     let is_safe = key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid || !is_safe {
         return Html(page("Sign in", "<p class=\"bad\">That API key is not valid.</p><p><a href=\"/login\">Try again</a></p>", "")).into_response();
@@ -83,31 +93,65 @@ async fn fleet_rows(state: &HubState) -> Result<Vec<FleetRow>, ApiError> {
             let view = agent_view(state, a);
             let value = serde_json::to_value(&view).unwrap_or_default();
             let inventory = value.get("inventory").cloned().unwrap_or_default();
-            let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
-            let queues = inventory.get("queues").and_then(|q| q.as_array()).cloned().unwrap_or_default();
-            let connectors = inventory.get("connectors").and_then(|c| c.as_array()).cloned().unwrap_or_default();
-            let sum = |key: &str| queues.iter().filter_map(|q| q.get(key).and_then(|n| n.as_u64())).sum::<u64>();
+            let text = |v: &serde_json::Value, k: &str| {
+                v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned()
+            };
+            let queues = inventory
+                .get("queues")
+                .and_then(|q| q.as_array())
+                .cloned()
+                .unwrap_or_default();
+            let connectors = inventory
+                .get("connectors")
+                .and_then(|c| c.as_array())
+                .cloned()
+                .unwrap_or_default();
+            let sum = |key: &str| {
+                queues
+                    .iter()
+                    .filter_map(|q| q.get(key).and_then(|n| n.as_u64()))
+                    .sum::<u64>()
+            };
             FleetRow {
                 id: text(&value, "id"),
                 name: text(&value, "name"),
-                online: value.get("online").and_then(|o| o.as_bool()).unwrap_or(false),
+                online: value
+                    .get("online")
+                    .and_then(|o| o.as_bool())
+                    .unwrap_or(false),
                 version: text(&inventory, "version"),
                 hostname: text(&value, "hostname"),
                 last_seen_ms: value.get("last_seen_ms").and_then(|n| n.as_i64()),
                 queue_depth: sum("pending"),
                 dead_letters: sum("dead"),
-                last_error: connectors.iter().find_map(|c| c.get("last_error").and_then(|e| e.as_str()).map(str::to_owned)).unwrap_or_default(),
-                connectors: connectors.iter().map(|c| (text(c, "name"), text(c, "state"))).collect(),
+                last_error: connectors
+                    .iter()
+                    .find_map(|c| {
+                        c.get("last_error")
+                            .and_then(|e| e.as_str())
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default(),
+                connectors: connectors
+                    .iter()
+                    .map(|c| (text(c, "name"), text(c, "state")))
+                    .collect(),
             }
         })
         .collect())
 }
 
-async fn fleet_json(_caller: ApiCaller, State(state): State<Arc<HubState>>) -> Result<Json<Vec<FleetRow>>, ApiError> {
+async fn fleet_json(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+) -> Result<Json<Vec<FleetRow>>, ApiError> {
     Ok(Json(fleet_rows(&state).await?))
 }
 
-async fn fleet_page(caller: Result<ApiCaller, ApiError>, State(state): State<Arc<HubState>>) -> Result<Response, ApiError> {
+async fn fleet_page(
+    caller: Result<ApiCaller, ApiError>,
+    State(state): State<Arc<HubState>>,
+) -> Result<Response, ApiError> {
     if caller.is_err() {
         return Ok(Redirect::to("/login").into_response());
     }
@@ -133,18 +177,32 @@ struct AgentPage {
 }
 
 async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
-    let agent = state.store.agent(id).await?.ok_or_else(|| ApiError::new(axum::http::StatusCode::NOT_FOUND, "not_found", format!("no agent {id:?}")))?;
+    let agent = state.store.agent(id).await?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no agent {id:?}"),
+        )
+    })?;
     let messages = state.store.recent_messages(id, 50).await?;
     let agent = serde_json::to_value(agent_view(state, agent)).unwrap_or_default();
     Ok(AgentPage { agent, messages })
 }
 
-async fn agent_json(_caller: ApiCaller, State(state): State<Arc<HubState>>, Path(id): Path<String>) -> Result<Json<AgentPage>, ApiError> {
+async fn agent_json(
+    _caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentPage>, ApiError> {
     let id = id.strip_suffix(".json").unwrap_or(&id).to_owned();
     Ok(Json(agent_data(&state, &id).await?))
 }
 
-async fn agent_page(caller: Result<ApiCaller, ApiError>, State(state): State<Arc<HubState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn agent_page(
+    caller: Result<ApiCaller, ApiError>,
+    State(state): State<Arc<HubState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     if caller.is_err() {
         return Ok(Redirect::to("/login").into_response());
     }
@@ -170,16 +228,37 @@ setInterval(() => fetch('/dashboard/agents/' + enc(id) + '.json').then(r => r.js
     Ok(Html(page("Agent", body, &script)).into_response())
 }
 
-async fn message_page(caller: ApiCaller, State(state): State<Arc<HubState>>, Path((id, cursor)): Path<(String, i64)>) -> Result<Response, ApiError> {
-    let filter = MessageFilter { after: cursor - 1, limit: 1, agent_id: Some(id.clone()), with_payload: true, ..MessageFilter::default() };
-    let message = state.store.messages(&filter).await?.into_iter().find(|m| m.cursor == cursor);
+async fn message_page(
+    caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path((id, cursor)): Path<(String, i64)>,
+) -> Result<Response, ApiError> {
+    let filter = MessageFilter {
+        after: cursor - 1,
+        limit: 1,
+        agent_id: Some(id.clone()),
+        with_payload: true,
+        ..MessageFilter::default()
+    };
+    let message = state
+        .store
+        .messages(&filter)
+        .await?
+        .into_iter()
+        .find(|m| m.cursor == cursor);
     let Some(message) = message else {
-        return Err(ApiError::new(axum::http::StatusCode::NOT_FOUND, "not_found", format!("no message {cursor} from agent {id}")));
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no message {cursor} from agent {id}"),
+        ));
     };
     tracing::info!(target: "audit", viewer = %caller.name, agent_id = %id, cursor, control_id = message.control_id.as_deref().unwrap_or(""), "message content viewed on the dashboard");
     let bytes = {
         use base64::Engine;
-        base64::engine::general_purpose::STANDARD.decode(message.payload_base64.as_deref().unwrap_or("")).unwrap_or_default()
+        base64::engine::general_purpose::STANDARD
+            .decode(message.payload_base64.as_deref().unwrap_or(""))
+            .unwrap_or_default()
     };
     let text = String::from_utf8_lossy(&bytes).replace('\r', "\n");
     let body = format!(
@@ -194,12 +273,18 @@ async fn message_page(caller: ApiCaller, State(state): State<Arc<HubState>>, Pat
 /// JSON safe to embed in a `<script>` block: `<` is escaped so that no string from an
 /// agent's inventory can close the script element.
 fn script_json<T: Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".into()).replace('<', "\\u003c")
+    serde_json::to_string(value)
+        .unwrap_or_else(|_| "null".into())
+        .replace('<', "\\u003c")
 }
 
 /// Escapes text for HTML.
 fn esc(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn page(title: &str, body: &str, script: &str) -> String {

@@ -69,7 +69,10 @@ impl Sessions {
     /// Removes a session if it is still the registered one.
     pub fn unregister(&self, agent_id: &str, session_id: u64) {
         if let Ok(mut live) = self.live.lock() {
-            if live.get(agent_id).is_some_and(|h| h.session_id == session_id) {
+            if live
+                .get(agent_id)
+                .is_some_and(|h| h.session_id == session_id)
+            {
                 live.remove(agent_id);
             }
         }
@@ -77,7 +80,10 @@ impl Sessions {
 
     /// The live session of an agent.
     pub fn get(&self, agent_id: &str) -> Option<SessionHandle> {
-        self.live.lock().ok().and_then(|live| live.get(agent_id).cloned())
+        self.live
+            .lock()
+            .ok()
+            .and_then(|live| live.get(agent_id).cloned())
     }
 
     /// How many sessions are live.
@@ -116,7 +122,10 @@ pub fn now_ms() -> i64 {
 
 /// Opens the store named by the config.
 pub async fn open_store(config: &HubConfig) -> Result<Arc<dyn Store>, HubError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| HubError::Io { path: config.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| HubError::Io {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     if config.database == "sqlite" {
         let dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || store::sqlite::SqliteStore::open(&dir))
@@ -134,26 +143,52 @@ pub async fn open_store(config: &HubConfig) -> Result<Arc<dyn Store>, HubError> 
 /// Starts serving: TLS, the routes, the offline monitor.
 pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<RunningHub, HubError> {
     let store = open_store(&config).await?;
-    let tls = tls::load_or_create(&config.data_dir, config.tls_cert.as_deref(), config.tls_key.as_deref(), config.listen.ip())?;
+    let tls = tls::load_or_create(
+        &config.data_dir,
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        config.listen.ip(),
+    )?;
     let last = store.last_cursor().await?;
     let (last_cursor, _) = watch::channel(last);
-    let state = Arc::new(HubState { store, config: config.clone(), sessions: Sessions::default(), last_cursor });
+    let state = Arc::new(HubState {
+        store,
+        config: config.clone(),
+        sessions: Sessions::default(),
+        last_cursor,
+    });
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| HubError::Bind { addr: config.listen.to_string(), source })?;
-    let addr = tcp.local_addr().map_err(|source| HubError::Bind { addr: config.listen.to_string(), source })?;
-    let listener = listener::TlsListener::new(tcp, tls.server_config.clone(), shutdown.child_token());
+        .map_err(|source| HubError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(|source| HubError::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let listener =
+        listener::TlsListener::new(tcp, tls.server_config.clone(), shutdown.child_token());
     let app = api::router(state.clone());
     tokio::spawn(monitor::watch_fleet(state.clone(), shutdown.child_token()));
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
-        let served = axum::serve(listener, app.into_make_service_with_connect_info::<listener::PeerAddr>())
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<listener::PeerAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
         if let Err(err) = served {
             tracing::error!(error = %err, "hub server stopped");
         }
     });
     tracing::info!(%addr, fingerprint = %tls.fingerprint, "hub listening");
-    Ok(RunningHub { addr, ca_path: tls.ca_path, fingerprint: tls.fingerprint, state, server })
+    Ok(RunningHub {
+        addr,
+        ca_path: tls.ca_path,
+        fingerprint: tls.fingerprint,
+        state,
+        server,
+    })
 }

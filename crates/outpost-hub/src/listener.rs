@@ -22,8 +22,14 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `tcp` until `shutdown`.
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>, shutdown: CancellationToken) -> Self {
-        let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    pub fn new(
+        tcp: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let local_addr = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let (tx, ready) = mpsc::channel(256);
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
@@ -84,7 +90,9 @@ impl std::fmt::Display for PeerAddr {
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerAddr
+{
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         PeerAddr(*stream.remote_addr())
     }

@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn urls_lose_their_passwords() {
-        assert_eq!(redact_url("postgres://hub:s3cret@127.0.0.1:5433/hub"), "postgres://hub:***@127.0.0.1:5433/hub");
+        assert_eq!(
+            redact_url("postgres://hub:s3cret@127.0.0.1:5433/hub"),
+            "postgres://hub:***@127.0.0.1:5433/hub"
+        );
         assert_eq!(redact_url("sqlite"), "sqlite");
     }
 }

@@ -27,8 +27,15 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let nonce = hex::encode(nonce);
-    let challenge = HubToAgent::Challenge { nonce: nonce.clone(), protocol: PROTOCOL_VERSION };
-    if sender.send(Message::Text(outpost_proto::encode(&challenge).into())).await.is_err() {
+    let challenge = HubToAgent::Challenge {
+        nonce: nonce.clone(),
+        protocol: PROTOCOL_VERSION,
+    };
+    if sender
+        .send(Message::Text(outpost_proto::encode(&challenge).into()))
+        .await
+        .is_err()
+    {
         return;
     }
     let agent = match authenticate(&mut receiver, &state, &nonce).await {
@@ -36,7 +43,9 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
         Err(reason) => {
             tracing::warn!(%peer, reason, "agent session refused");
             let refused = HubToAgent::Refused { reason };
-            let _ = sender.send(Message::Text(outpost_proto::encode(&refused).into())).await;
+            let _ = sender
+                .send(Message::Text(outpost_proto::encode(&refused).into()))
+                .await;
             let _ = sender.close().await;
             return;
         }
@@ -44,18 +53,37 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let cancel = CancellationToken::new();
     let (outbox, mut outgoing) = mpsc::channel::<HubToAgent>(256);
-    state.sessions.register(&agent.id, SessionHandle { session_id, outbox: outbox.clone(), cancel: cancel.clone(), since_ms: now_ms() });
+    state.sessions.register(
+        &agent.id,
+        SessionHandle {
+            session_id,
+            outbox: outbox.clone(),
+            cancel: cancel.clone(),
+            since_ms: now_ms(),
+        },
+    );
     tracing::info!(agent_id = %agent.id, name = %agent.name, %peer, "agent connected");
 
-    let welcome = HubToAgent::Welcome { heartbeat_secs: state.config.heartbeat.as_secs(), hub_time_ms: now_ms() };
+    let welcome = HubToAgent::Welcome {
+        heartbeat_secs: state.config.heartbeat.as_secs(),
+        hub_time_ms: now_ms(),
+    };
     let _ = outbox.send(welcome).await;
     match state.store.open_downs(&agent.id).await {
         Ok(downs) => {
             for down in downs {
-                let _ = outbox.send(HubToAgent::Deliver { down_id: down.id, sink: down.sink, payload: Payload(down.payload) }).await;
+                let _ = outbox
+                    .send(HubToAgent::Deliver {
+                        down_id: down.id,
+                        sink: down.sink,
+                        payload: Payload(down.payload),
+                    })
+                    .await;
             }
         }
-        Err(err) => tracing::warn!(agent_id = %agent.id, error = %err, "cannot read messages waiting for this agent"),
+        Err(err) => {
+            tracing::warn!(agent_id = %agent.id, error = %err, "cannot read messages waiting for this agent")
+        }
     }
 
     let writer_cancel = cancel.clone();
@@ -66,7 +94,11 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
                 next = outgoing.recv() => next,
             };
             let Some(message) = next else { break };
-            if sender.send(Message::Text(outpost_proto::encode(&message).into())).await.is_err() {
+            if sender
+                .send(Message::Text(outpost_proto::encode(&message).into()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -125,12 +157,19 @@ async fn authenticate(
         None => return Err("closed before hello".into()),
     };
     let (agent_id, protocol, signature) = match outpost_proto::decode::<AgentToHub>(&text) {
-        Ok(AgentToHub::Hello { agent_id, protocol, signature, .. }) => (agent_id, protocol, signature),
+        Ok(AgentToHub::Hello {
+            agent_id,
+            protocol,
+            signature,
+            ..
+        }) => (agent_id, protocol, signature),
         Ok(_) => return Err("expected hello first".into()),
         Err(err) => return Err(err.to_string()),
     };
     if protocol != PROTOCOL_VERSION {
-        return Err(format!("protocol {protocol} is not supported (hub speaks {PROTOCOL_VERSION})"));
+        return Err(format!(
+            "protocol {protocol} is not supported (hub speaks {PROTOCOL_VERSION})"
+        ));
     }
     let agent = state
         .store
@@ -145,13 +184,17 @@ async fn authenticate(
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| format!("agent {agent_id} has an unreadable public key on record"))?;
-    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| format!("agent {agent_id} has an invalid public key on record"))?;
+    let key = VerifyingKey::from_bytes(&key_bytes)
+        .map_err(|_| format!("agent {agent_id} has an invalid public key on record"))?;
     let signature_bytes: [u8; 64] = hex::decode(&signature)
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| "signature is not 64 bytes of hex".to_owned())?;
-    key.verify(&outpost_proto::session_proof(nonce, &agent_id), &Signature::from_bytes(&signature_bytes))
-        .map_err(|_| format!("signature does not match the key enrolled for agent {agent_id}"))?;
+    key.verify(
+        &outpost_proto::session_proof(nonce, &agent_id),
+        &Signature::from_bytes(&signature_bytes),
+    )
+    .map_err(|_| format!("signature does not match the key enrolled for agent {agent_id}"))?;
     Ok(agent)
 }
 
@@ -176,7 +219,10 @@ async fn handle(
                     payload: i.payload.0,
                 })
                 .collect();
-            let inserted = state.store.insert_messages(&agent.id, &messages, now_ms()).await?;
+            let inserted = state
+                .store
+                .insert_messages(&agent.id, &messages, now_ms())
+                .await?;
             if inserted > 0 {
                 let last = state.store.last_cursor().await?;
                 state.last_cursor.send_replace(last);
@@ -186,15 +232,33 @@ async fn handle(
         }
         AgentToHub::Heartbeat { inventory } => {
             let value = serde_json::to_value(&*inventory).unwrap_or(serde_json::Value::Null);
-            state.store.update_inventory(&agent.id, &value, now_ms()).await?;
+            state
+                .store
+                .update_inventory(&agent.id, &value, now_ms())
+                .await?;
         }
-        AgentToHub::DownState { down_id, state: down_state, item_id, error } => {
+        AgentToHub::DownState {
+            down_id,
+            state: down_state,
+            item_id,
+            error,
+        } => {
             let known = ["queued", "delivered", "dead", "refused"];
             if !known.contains(&down_state.as_str()) {
                 tracing::warn!(agent_id = %agent.id, down_id, "agent reported an unknown state for a message");
                 return Ok(());
             }
-            state.store.update_down(&down_id, &agent.id, &down_state, item_id, error.as_deref(), now_ms()).await?;
+            state
+                .store
+                .update_down(
+                    &down_id,
+                    &agent.id,
+                    &down_state,
+                    item_id,
+                    error.as_deref(),
+                    now_ms(),
+                )
+                .await?;
         }
         AgentToHub::Hello { .. } => {
             tracing::warn!(agent_id = %agent.id, "agent sent a second hello; ignored");

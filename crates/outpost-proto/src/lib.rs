@@ -257,7 +257,8 @@ pub fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, DecodeError
 pub fn encode<T: Serialize>(message: &T) -> String {
     // Serialising these plain data types to a String cannot fail (no maps with non-string
     // keys, no failing Serialize impls).
-    serde_json::to_string(message).unwrap_or_else(|_| unreachable!("protocol types always serialise"))
+    serde_json::to_string(message)
+        .unwrap_or_else(|_| unreachable!("protocol types always serialise"))
 }
 
 #[cfg(test)]
@@ -286,13 +287,23 @@ mod tests {
     fn unknown_or_malformed_messages_are_errors() {
         assert!(decode::<HubToAgent>("{\"type\":\"format_disk\"}").is_err());
         assert!(decode::<HubToAgent>("not json").is_err());
-        let bad_payload = "{\"type\":\"deliver\",\"down_id\":\"d1\",\"sink\":\"s\",\"payload\":\"***\"}";
-        assert!(decode::<HubToAgent>(bad_payload).unwrap_err().to_string().contains("base64"));
+        let bad_payload =
+            "{\"type\":\"deliver\",\"down_id\":\"d1\",\"sink\":\"s\",\"payload\":\"***\"}";
+        assert!(decode::<HubToAgent>(bad_payload)
+            .unwrap_err()
+            .to_string()
+            .contains("base64"));
     }
 
     #[test]
     fn the_session_proof_binds_nonce_and_agent() {
-        assert_ne!(session_proof("aa", "agent-1"), session_proof("aa", "agent-2"));
-        assert_ne!(session_proof("aa", "agent-1"), session_proof("ab", "agent-1"));
+        assert_ne!(
+            session_proof("aa", "agent-1"),
+            session_proof("aa", "agent-2")
+        );
+        assert_ne!(
+            session_proof("aa", "agent-1"),
+            session_proof("ab", "agent-1")
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct NewItem {
     pub control_id: Option<String>,
     /// The patient identifier (HL7: PID-3), stored only as a keyed digest for look-ups.
     pub subject: Option<Vec<u8>>,
+    /// Another system's id for this item (a hub message id), unique when set.
+    pub external_ref: Option<String>,
     /// The bytes to deliver, sealed before they reach the disk.
     pub payload: Vec<u8>,
     /// The sinks it must reach.
@@ -136,6 +138,10 @@ pub struct Lease {
     pub msg_type: Option<String>,
     /// As appended.
     pub control_id: Option<String>,
+    /// When the item arrived (unix ms).
+    pub received_at_ms: i64,
+    /// As appended.
+    pub external_ref: Option<String>,
     /// The unsealed payload.
     pub payload: Vec<u8>,
 }
@@ -308,12 +314,20 @@ impl Queue {
 
     /// Records that `sink` delivered item `id`.
     pub async fn mark_delivered(&self, sink: &ConnectorName, id: ItemId) -> Result<(), QueueError> {
-        self.submit(Op::MarkDelivered {
+        self.mark_delivered_many(sink, vec![id]).await
+    }
+
+    /// Records that `sink` delivered all of `ids`, in one transaction.
+    pub async fn mark_delivered_many(
+        &self,
+        sink: &ConnectorName,
+        ids: Vec<ItemId>,
+    ) -> Result<(), QueueError> {
+        let op = Op::MarkDelivered {
             sink: sink.clone(),
-            id,
-        })
-        .await
-        .map(|_| ())
+            ids,
+        };
+        self.submit(op).await.map(|_| ())
     }
 
     /// Records a failed attempt. A permanent failure, or one past `policy.max_attempts`,

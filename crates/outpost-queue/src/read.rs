@@ -118,43 +118,97 @@ impl Queue {
     /// The next delivery for `sink`: its oldest pending item. Strict order: when the oldest
     /// is backing off, nothing behind it is handed out.
     pub async fn next_delivery(&self, sink: &ConnectorName) -> Result<NextDelivery, QueueError> {
+        let (mut leases, backoff) = self.ready_after(sink, ItemId(0), 1).await?;
+        Ok(match (leases.pop(), backoff) {
+            (Some(lease), _) => NextDelivery::Ready(lease),
+            (None, Some(wait)) => NextDelivery::Backoff(wait),
+            (None, None) => NextDelivery::Idle,
+        })
+    }
+
+    /// Up to `limit` pending items of `sink` after item `after`, in order, stopping at the
+    /// first one that is backing off (whose remaining wait is returned). Lets a sink keep
+    /// several batches in flight without waiting for each to be marked.
+    pub async fn ready_after(
+        &self,
+        sink: &ConnectorName,
+        after: ItemId,
+        limit: usize,
+    ) -> Result<(Vec<Lease>, Option<Duration>), QueueError> {
         let sink = sink.clone();
         let sqlite = self.sqlite_error();
         self.read(move |conn, keys| {
-            let head = conn
+            let mut stmt = conn
                 .prepare_cached(
-                    "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload, i.source
+                    "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload,
+                            i.source, i.received_at, i.external_ref
                      FROM deliveries d JOIN items i ON i.id = d.item_id
-                     WHERE d.sink = ?1 AND d.state = ?2 ORDER BY d.item_id LIMIT 1",
+                     WHERE d.sink = ?1 AND d.state = ?2 AND d.item_id > ?3 ORDER BY d.item_id LIMIT ?4",
                 )
-                .and_then(|mut stmt| {
-                    stmt.query_row(params![sink.as_str(), PENDING], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, u32>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, Vec<u8>>(6)?,
-                            r.get::<_, Vec<u8>>(7)?,
-                            r.get::<_, String>(8)?,
-                        ))
-                    })
-                    .optional()
-                })
-                .map_err(sqlite)?;
-            let Some((id, attempts, next_attempt_at, kind, msg_type, control_id, nonce, sealed, source)) = head else {
-                return Ok(NextDelivery::Idle);
-            };
-            let wait_ms = next_attempt_at - now_ms();
-            if wait_ms > 0 {
-                return Ok(NextDelivery::Backoff(Duration::from_millis(wait_ms as u64)));
+                .map_err(&sqlite)?;
+            let mut rows = stmt.query(params![sink.as_str(), PENDING, after.0, limit as i64]).map_err(&sqlite)?;
+            let now = now_ms();
+            let mut leases = Vec::new();
+            while let Some(r) = rows.next().map_err(&sqlite)? {
+                let id = ItemId(r.get(0).map_err(&sqlite)?);
+                let next_attempt_at: i64 = r.get(2).map_err(&sqlite)?;
+                if next_attempt_at > now {
+                    return Ok((leases, Some(Duration::from_millis((next_attempt_at - now) as u64))));
+                }
+                let kind: String = r.get(3).map_err(&sqlite)?;
+                let nonce: Vec<u8> = r.get(6).map_err(&sqlite)?;
+                let sealed: Vec<u8> = r.get(7).map_err(&sqlite)?;
+                leases.push(Lease {
+                    id,
+                    source: r.get(8).map_err(&sqlite)?,
+                    kind: kind.parse().map_err(|_| QueueError::Corrupt { id, what: "kind" })?,
+                    attempts: r.get(1).map_err(&sqlite)?,
+                    msg_type: r.get(4).map_err(&sqlite)?,
+                    control_id: r.get(5).map_err(&sqlite)?,
+                    received_at_ms: r.get(9).map_err(&sqlite)?,
+                    external_ref: r.get(10).map_err(&sqlite)?,
+                    payload: keys.open(id, &nonce, &sealed)?,
+                });
             }
-            let id = ItemId(id);
-            let kind = kind.parse().map_err(|_| QueueError::Corrupt { id, what: "kind" })?;
-            let payload = keys.open(id, &nonce, &sealed)?;
-            Ok(NextDelivery::Ready(Lease { id, source, kind, attempts, msg_type, control_id, payload }))
+            Ok((leases, None))
+        })
+        .await
+    }
+
+    /// The item that arrived with this external reference (e.g. a hub message id), and
+    /// its delivery to its sink, if any.
+    pub async fn find_by_external_ref(
+        &self,
+        external_ref: &str,
+    ) -> Result<Option<(ItemId, Option<DeliveryInfo>)>, QueueError> {
+        let external_ref = external_ref.to_owned();
+        let sqlite = self.sqlite_error();
+        self.read(move |conn, _| {
+            let id: Option<i64> = conn
+                .query_row(
+                    "SELECT id FROM items WHERE external_ref = ?1",
+                    [&external_ref],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(&sqlite)?;
+            let Some(id) = id else { return Ok(None) };
+            let delivery = conn
+                .query_row(
+                    "SELECT sink, state, attempts, last_error FROM deliveries WHERE item_id = ?1",
+                    [id],
+                    |r| {
+                        Ok(DeliveryInfo {
+                            sink: r.get(0)?,
+                            state: state_name(r.get(1)?),
+                            attempts: r.get(2)?,
+                            last_error: r.get(3)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(&sqlite)?;
+            Ok(Some((ItemId(id), delivery)))
         })
         .await
     }
@@ -364,11 +418,7 @@ impl SealedItem {
             .query_map([id.0], |r| {
                 Ok(DeliveryInfo {
                     sink: r.get(0)?,
-                    state: match r.get::<_, i64>(1)? {
-                        PENDING => "pending",
-                        DELIVERED => "delivered",
-                        _ => "dead",
-                    },
+                    state: state_name(r.get(1)?),
                     attempts: r.get(2)?,
                     last_error: r.get(3)?,
                 })
@@ -387,6 +437,14 @@ impl SealedItem {
             deliveries,
             payload,
         })
+    }
+}
+
+fn state_name(state: i64) -> &'static str {
+    match state {
+        PENDING => "pending",
+        DELIVERED => "delivered",
+        _ => "dead",
     }
 }
 

@@ -40,6 +40,7 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
             msg_type        TEXT,               -- e.g. MSH-9; never patient data
             control_id      TEXT,               -- e.g. MSH-10; never patient data
             subject_digest  BLOB,               -- keyed digest of the patient id (PID-3)
+            external_ref    TEXT,               -- the sender's id for it when not HL7 (a hub message id)
             rejected_reason TEXT,               -- set when intake refused the item
             nonce           BLOB NOT NULL,
             payload         BLOB NOT NULL,      -- sealed
@@ -48,6 +49,7 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
         CREATE INDEX IF NOT EXISTS items_by_received ON items(received_at);
         CREATE INDEX IF NOT EXISTS items_by_control_id ON items(control_id);
         CREATE INDEX IF NOT EXISTS items_by_subject ON items(subject_digest);
+        CREATE UNIQUE INDEX IF NOT EXISTS items_by_external_ref ON items(external_ref) WHERE external_ref IS NOT NULL;
         CREATE TABLE IF NOT EXISTS deliveries (
             item_id         INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
             sink            TEXT NOT NULL,

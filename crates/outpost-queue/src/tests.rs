@@ -13,6 +13,7 @@ fn item(n: usize, sinks: &[&str]) -> NewItem {
         msg_type: Some("ORU^R01".into()),
         control_id: Some(format!("MSG{n:05}")),
         subject: Some(format!("PAT{n}").into_bytes()),
+        external_ref: None,
         payload: format!(
             "MSH|^~\\&|LAB|||||||ORU^R01|MSG{n:05}|P|2.5\rPID|1||PAT{n}||SECRETNAME{n}\r"
         )

@@ -31,7 +31,7 @@ pub(crate) enum Op {
     },
     MarkDelivered {
         sink: ConnectorName,
-        id: ItemId,
+        ids: Vec<ItemId>,
     },
     MarkFailed {
         sink: ConnectorName,
@@ -320,8 +320,8 @@ impl Writer {
                 let digest = item.subject.as_deref().map(|s| self.keys.subject_digest(s));
                 tx.prepare_cached(
                     "INSERT INTO items (id, source, kind, received_at, msg_type, control_id,
-                        subject_digest, rejected_reason, nonce, payload, payload_bytes)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        subject_digest, rejected_reason, nonce, payload, payload_bytes, external_ref)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?
                 .execute(params![
                     id.0,
@@ -335,6 +335,7 @@ impl Writer {
                     &nonce[..],
                     sealed,
                     item.payload.len() as i64,
+                    item.external_ref,
                 ])?;
                 if rejected_reason.is_none() {
                     let mut insert = tx.prepare_cached(
@@ -346,21 +347,20 @@ impl Writer {
                 }
                 Ok(Ok(Outcome::Appended(id)))
             }
-            Op::MarkDelivered { sink, id } => {
-                let changed = tx
-                    .prepare_cached(
-                        "UPDATE deliveries SET state = ?3, attempts = attempts + 1, last_error = NULL, updated_at = ?4
-                         WHERE item_id = ?1 AND sink = ?2",
-                    )?
-                    .execute(params![id.0, sink.as_str(), DELIVERED, now])?;
-                Ok(if changed == 0 {
-                    Err(QueueError::NoSuchDelivery {
-                        id: *id,
-                        sink: sink.to_string(),
-                    })
-                } else {
-                    Ok(Outcome::Done)
-                })
+            Op::MarkDelivered { sink, ids } => {
+                let mut update = tx.prepare_cached(
+                    "UPDATE deliveries SET state = ?3, attempts = attempts + 1, last_error = NULL, updated_at = ?4
+                     WHERE item_id = ?1 AND sink = ?2",
+                )?;
+                for id in ids {
+                    if update.execute(params![id.0, sink.as_str(), DELIVERED, now])? == 0 {
+                        return Ok(Err(QueueError::NoSuchDelivery {
+                            id: *id,
+                            sink: sink.to_string(),
+                        }));
+                    }
+                }
+                Ok(Ok(Outcome::Done))
             }
             Op::MarkFailed {
                 sink,

@@ -49,6 +49,7 @@ fn item(n: usize) -> NewItem {
         msg_type: Some("ORU^R01".into()),
         control_id: Some(format!("MSG{n}")),
         subject: None,
+        external_ref: None,
         payload: vec![b'x'; 16 * 1024],
         sinks: vec![ConnectorName::new("lab-out").unwrap()],
     }

@@ -47,20 +47,25 @@ impl Credentials {
         let text = match std::fs::read_to_string(&record_path) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(UplinkError::NotEnrolled { path: record_path.display().to_string() })
+                return Err(UplinkError::NotEnrolled {
+                    path: record_path.display().to_string(),
+                })
             }
             Err(source) => return Err(io(&record_path, source)),
         };
-        let record: Record = serde_json::from_str(&text).map_err(|err| UplinkError::BadCredentials {
-            path: record_path.display().to_string(),
-            problem: err.to_string(),
-        })?;
+        let record: Record =
+            serde_json::from_str(&text).map_err(|err| UplinkError::BadCredentials {
+                path: record_path.display().to_string(),
+                problem: err.to_string(),
+            })?;
         let key_path = data_dir.join(KEY_FILE);
         let seed = std::fs::read(&key_path).map_err(|source| io(&key_path, source))?;
-        let seed: [u8; 32] = seed.try_into().map_err(|bytes: Vec<u8>| UplinkError::BadCredentials {
-            path: key_path.display().to_string(),
-            problem: format!("expected a 32-byte key, found {} bytes", bytes.len()),
-        })?;
+        let seed: [u8; 32] =
+            seed.try_into()
+                .map_err(|bytes: Vec<u8>| UplinkError::BadCredentials {
+                    path: key_path.display().to_string(),
+                    problem: format!("expected a 32-byte key, found {} bytes", bytes.len()),
+                })?;
         let ca = record.pinned_ca.then(|| data_dir.join(HUB_CA_FILE));
         Ok(Self {
             agent_id: record.agent_id,
@@ -74,15 +79,26 @@ impl Credentials {
 
 /// Enrolls with the hub: makes the key pair, registers the public key with the one-time
 /// token over TLS (pinned to `ca_file` when given), and stores the assigned id.
-pub async fn enroll(data_dir: &Path, hub_url: &str, token: &str, ca_file: Option<&Path>) -> Result<EnrollResponse, UplinkError> {
+pub async fn enroll(
+    data_dir: &Path,
+    hub_url: &str,
+    token: &str,
+    ca_file: Option<&Path>,
+) -> Result<EnrollResponse, UplinkError> {
     let record_path = data_dir.join(CREDENTIALS_FILE);
     if let Ok(existing) = Credentials::load(data_dir) {
-        return Err(UplinkError::AlreadyEnrolled { agent_id: existing.agent_id, path: record_path.display().to_string() });
+        return Err(UplinkError::AlreadyEnrolled {
+            agent_id: existing.agent_id,
+            path: record_path.display().to_string(),
+        });
     }
     std::fs::create_dir_all(data_dir).map_err(|source| io(data_dir, source))?;
     let hub_url = hub_url.trim_end_matches('/').to_owned();
     if !hub_url.starts_with("https://") {
-        return Err(UplinkError::Hub { url: hub_url, problem: "the hub URL must start with https://".into() });
+        return Err(UplinkError::Hub {
+            url: hub_url,
+            problem: "the hub URL must start with https://".into(),
+        });
     }
     let tls = client_tls(ca_file)?;
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
@@ -98,24 +114,44 @@ pub async fn enroll(data_dir: &Path, hub_url: &str, token: &str, ca_file: Option
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let url = format!("{hub_url}/api/v1/enroll");
-    let hub_error = |problem: String| UplinkError::Hub { url: url.clone(), problem };
-    let response = client.post(&url).json(&request).send().await.map_err(|err| hub_error(describe_reqwest(&err)))?;
+    let hub_error = |problem: String| UplinkError::Hub {
+        url: url.clone(),
+        problem,
+    };
+    let response = client
+        .post(&url)
+        .json(&request)
+        .send()
+        .await
+        .map_err(|err| hub_error(describe_reqwest(&err)))?;
     if !response.status().is_success() {
         let status = response.status();
         let body: Option<ErrorBody> = response.json().await.ok();
         return Err(match body {
-            Some(body) => UplinkError::EnrollRefused { code: body.code, message: body.message },
+            Some(body) => UplinkError::EnrollRefused {
+                code: body.code,
+                message: body.message,
+            },
             None => hub_error(format!("answered {status}")),
         });
     }
-    let enrolled: EnrollResponse = response.json().await.map_err(|err| hub_error(format!("unreadable answer: {err}")))?;
+    let enrolled: EnrollResponse = response
+        .json()
+        .await
+        .map_err(|err| hub_error(format!("unreadable answer: {err}")))?;
 
     write_private(&data_dir.join(KEY_FILE), &key.to_bytes())?;
     if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).map_err(|source| io(ca, source))?;
-        std::fs::write(data_dir.join(HUB_CA_FILE), pem).map_err(|source| io(&data_dir.join(HUB_CA_FILE), source))?;
+        std::fs::write(data_dir.join(HUB_CA_FILE), pem)
+            .map_err(|source| io(&data_dir.join(HUB_CA_FILE), source))?;
     }
-    let record = Record { agent_id: enrolled.agent_id.clone(), name: enrolled.name.clone(), hub_url, pinned_ca: ca_file.is_some() };
+    let record = Record {
+        agent_id: enrolled.agent_id.clone(),
+        name: enrolled.name.clone(),
+        hub_url,
+        pinned_ca: ca_file.is_some(),
+    };
     let text = serde_json::to_string_pretty(&record).unwrap_or_default();
     std::fs::write(&record_path, text).map_err(|source| io(&record_path, source))?;
     Ok(enrolled)
@@ -131,10 +167,15 @@ pub(crate) fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientCon
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|err| UplinkError::Tls(format!("{}: {err}", path.display())))?;
             if certs.is_empty() {
-                return Err(UplinkError::Tls(format!("{}: no certificate in it", path.display())));
+                return Err(UplinkError::Tls(format!(
+                    "{}: no certificate in it",
+                    path.display()
+                )));
             }
             for cert in certs {
-                roots.add(cert).map_err(|err| UplinkError::Tls(format!("{}: {err}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|err| UplinkError::Tls(format!("{}: {err}", path.display())))?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -160,14 +201,21 @@ fn describe_reqwest(err: &reqwest::Error) -> String {
 }
 
 fn io(path: &Path, source: std::io::Error) -> UplinkError {
-    UplinkError::Io { path: path.display().to_string(), source }
+    UplinkError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .or_else(|_| std::env::var("COMPUTERNAME"))
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -175,8 +223,16 @@ fn hostname() -> String {
 fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), UplinkError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(|source| io(path, source))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|source| io(path, source))
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| io(path, source))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| io(path, source))
 }
 
 // On Windows the file inherits the data directory's ACL (SYSTEM and Administrators).

@@ -138,18 +138,45 @@ impl UplinkHandle {
     /// Sends a batch on session `session`; the returned receiver resolves once the hub has
     /// stored every item (or with an error if that session ends first). Batches are sent
     /// in the order given, so a caller may keep several in flight.
-    pub async fn send_items(&self, session: u64, items: Vec<UpItem>) -> oneshot::Receiver<Result<(), UplinkError>> {
+    pub async fn send_items(
+        &self,
+        session: u64,
+        items: Vec<UpItem>,
+    ) -> oneshot::Receiver<Result<(), UplinkError>> {
         let (stored, receiver) = oneshot::channel();
-        if let Err(mpsc::error::SendError(request)) = self.data.send(DataRequest { items, session, stored }).await {
+        if let Err(mpsc::error::SendError(request)) = self
+            .data
+            .send(DataRequest {
+                items,
+                session,
+                stored,
+            })
+            .await
+        {
             let _ = request.stored.send(Err(UplinkError::SessionLost));
         }
         receiver
     }
 
     /// Reports what became of a message the hub sent down (queued, delivered, dead).
-    pub async fn report_down(&self, down_id: &str, state: &str, item_id: Option<i64>, error: Option<String>) {
-        let message = AgentToHub::DownState { down_id: down_id.to_owned(), state: state.to_owned(), item_id, error };
-        let _ = self.control.send(message).await;
+    /// Never waits: while the hub is unreachable reports may be dropped, and the hub asks
+    /// again for every unfinished message when the next session starts.
+    pub async fn report_down(
+        &self,
+        down_id: &str,
+        state: &str,
+        item_id: Option<i64>,
+        error: Option<String>,
+    ) {
+        let message = AgentToHub::DownState {
+            down_id: down_id.to_owned(),
+            state: state.to_owned(),
+            item_id,
+            error,
+        };
+        if self.control.try_send(message).is_err() {
+            tracing::debug!(down_id, "hub link busy or down; the hub will ask again");
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Credentials, DataRequest, DownRequest, InventorySource, LinkState, UplinkError, UplinkHandle};
+use crate::{
+    Credentials, DataRequest, DownRequest, InventorySource, LinkState, UplinkError, UplinkHandle,
+};
 
 /// Batches sent but not yet acknowledged, at most: enough to keep the link busy while the
 /// hub commits, few enough that a lost session resends little.
@@ -28,6 +30,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Batches sent and not yet stored: their item ids and who waits for them.
+type InFlight = VecDeque<(Vec<i64>, oneshot::Sender<Result<(), UplinkError>>)>;
 
 /// The uplink task.
 pub struct Uplink;
@@ -43,9 +47,21 @@ impl Uplink {
         let (data, data_rx) = mpsc::channel(WINDOW * 2);
         let (control, control_rx) = mpsc::channel(256);
         let (state_tx, state) = watch::channel(LinkState::Down("not connected yet".into()));
-        let link = Link { credentials, inventory, downs, data_rx, control_rx, state: state_tx, shutdown };
+        let link = Link {
+            credentials,
+            inventory,
+            downs,
+            data_rx,
+            control_rx,
+            state: state_tx,
+            shutdown,
+        };
         tokio::spawn(link.run());
-        UplinkHandle { data, control, state }
+        UplinkHandle {
+            data,
+            control,
+            state,
+        }
     }
 }
 
@@ -69,7 +85,10 @@ impl Link {
     async fn run(mut self) {
         let mut failures = 0u32;
         let mut session = 0u64;
-        let url = format!("{}/api/v1/agent/session", self.credentials.hub_url.replacen("https://", "wss://", 1));
+        let url = format!(
+            "{}/api/v1/agent/session",
+            self.credentials.hub_url.replacen("https://", "wss://", 1)
+        );
         loop {
             if self.shutdown.is_cancelled() {
                 break;
@@ -90,7 +109,8 @@ impl Link {
                 }
                 Err(ConnectError::Refused(reason)) => {
                     tracing::error!(hub = %self.credentials.hub_url, reason, "the hub refused the session");
-                    self.state.send_replace(LinkState::Down(format!("refused: {reason}")));
+                    self.state
+                        .send_replace(LinkState::Down(format!("refused: {reason}")));
                 }
                 Err(ConnectError::Other(problem)) => {
                     tracing::warn!(hub = %self.credentials.hub_url, problem, "cannot reach the hub");
@@ -113,7 +133,12 @@ impl Link {
             .max_message_size(Some(outpost_proto::MAX_FRAME_BYTES))
             .max_frame_size(Some(outpost_proto::MAX_FRAME_BYTES));
         let connector = tokio_tungstenite::Connector::Rustls(self.credentials.tls.clone());
-        let attempt = tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, Some(connector));
+        let attempt = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(config),
+            true,
+            Some(connector),
+        );
         let (mut socket, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
             .await
             .map_err(|_| ConnectError::Other(format!("connect {url}: timed out")))?
@@ -121,7 +146,12 @@ impl Link {
         let nonce = match next_message(&mut socket).await? {
             HubToAgent::Challenge { nonce, .. } => nonce,
             HubToAgent::Refused { reason } => return Err(ConnectError::Refused(reason)),
-            other => return Err(ConnectError::Other(format!("expected a challenge, got {}", kind_of(&other)))),
+            other => {
+                return Err(ConnectError::Other(format!(
+                    "expected a challenge, got {}",
+                    kind_of(&other)
+                )))
+            }
         };
         let proof = outpost_proto::session_proof(&nonce, &self.credentials.agent_id);
         let hello = AgentToHub::Hello {
@@ -135,19 +165,29 @@ impl Link {
             .await
             .map_err(|err| ConnectError::Other(format!("sending hello: {err}")))?;
         match next_message(&mut socket).await? {
-            HubToAgent::Welcome { heartbeat_secs, hub_time_ms } => {
+            HubToAgent::Welcome {
+                heartbeat_secs,
+                hub_time_ms,
+            } => {
                 let skew = outpost_now_ms() - hub_time_ms;
-                Ok((socket, Duration::from_secs(heartbeat_secs.clamp(1, 3600)), skew))
+                Ok((
+                    socket,
+                    Duration::from_secs(heartbeat_secs.clamp(1, 3600)),
+                    skew,
+                ))
             }
             HubToAgent::Refused { reason } => Err(ConnectError::Refused(reason)),
-            other => Err(ConnectError::Other(format!("expected welcome, got {}", kind_of(&other)))),
+            other => Err(ConnectError::Other(format!(
+                "expected welcome, got {}",
+                kind_of(&other)
+            ))),
         }
     }
 
     /// Runs one authenticated session; returns why it ended.
     async fn serve(&mut self, socket: Socket, session: u64, heartbeat: Duration) -> String {
         let (mut sink, mut stream) = socket.split();
-        let mut in_flight: VecDeque<(Vec<i64>, oneshot::Sender<Result<(), UplinkError>>)> = VecDeque::new();
+        let mut in_flight = InFlight::new();
         let mut beat = tokio::time::interval(heartbeat);
         let mut last_heard = Instant::now();
         let silence_limit = heartbeat * 3;
@@ -198,7 +238,10 @@ impl Link {
                 },
             };
             if let Some(message) = outgoing {
-                if let Err(err) = sink.send(Message::Text(outpost_proto::encode(&message).into())).await {
+                if let Err(err) = sink
+                    .send(Message::Text(outpost_proto::encode(&message).into()))
+                    .await
+                {
                     break format!("connection lost: {err}");
                 }
             }
@@ -213,7 +256,7 @@ impl Link {
     async fn on_message(
         &mut self,
         message: HubToAgent,
-        in_flight: &mut VecDeque<(Vec<i64>, oneshot::Sender<Result<(), UplinkError>>)>,
+        in_flight: &mut InFlight,
     ) -> Result<(), String> {
         match message {
             HubToAgent::Stored { ids } => {
@@ -225,13 +268,23 @@ impl Link {
                 }
                 let _ = waiter.send(Ok(()));
             }
-            HubToAgent::Deliver { down_id, sink, payload } => {
-                let request = DownRequest { down_id, sink, payload: payload.0 };
+            HubToAgent::Deliver {
+                down_id,
+                sink,
+                payload,
+            } => {
+                let request = DownRequest {
+                    down_id,
+                    sink,
+                    payload: payload.0,
+                };
                 if self.downs.send(request).await.is_err() {
                     return Err("the agent is not taking messages from the hub".into());
                 }
             }
-            HubToAgent::Refused { reason } => return Err(format!("hub ended the session: {reason}")),
+            HubToAgent::Refused { reason } => {
+                return Err(format!("hub ended the session: {reason}"))
+            }
             HubToAgent::Welcome { .. } | HubToAgent::Challenge { .. } => {
                 tracing::debug!("ignoring a repeated handshake message from the hub");
             }
@@ -247,9 +300,14 @@ async fn next_message(socket: &mut Socket) -> Result<HubToAgent, ConnectError> {
             .map_err(|_| ConnectError::Other("hub did not answer the handshake in time".into()))?;
         match frame {
             Some(Ok(Message::Text(text))) => {
-                return outpost_proto::decode(&text).map_err(|err| ConnectError::Other(format!("hub sent {err}")));
+                return outpost_proto::decode(&text)
+                    .map_err(|err| ConnectError::Other(format!("hub sent {err}")));
             }
-            Some(Ok(Message::Close(_))) | None => return Err(ConnectError::Other("hub closed the connection during the handshake".into())),
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(ConnectError::Other(
+                    "hub closed the connection during the handshake".into(),
+                ))
+            }
             Some(Ok(_)) => continue,
             Some(Err(err)) => return Err(ConnectError::Other(format!("handshake: {err}"))),
         }
@@ -269,7 +327,9 @@ fn kind_of(message: &HubToAgent) -> &'static str {
 /// Capped exponential backoff with equal jitter.
 fn backoff(failures: u32) -> Duration {
     let exponent = failures.saturating_sub(1).min(16);
-    let full = BACKOFF_INITIAL.saturating_mul(1 << exponent).min(BACKOFF_MAX);
+    let full = BACKOFF_INITIAL
+        .saturating_mul(1 << exponent)
+        .min(BACKOFF_MAX);
     let half = full / 2;
     half + Duration::from_millis(rand::thread_rng().gen_range(0..=half.as_millis() as u64))
 }

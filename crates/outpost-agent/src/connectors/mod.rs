@@ -2,6 +2,7 @@
 //! becomes. Adding a kind means one folder here and one variant in [`SourceKind`] or
 //! [`SinkKind`]; the compiler then points at each `match` that needs an arm.
 
+pub mod hub;
 pub mod mllp;
 
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ pub enum SourceKind {
 pub enum SinkKind {
     /// HL7 v2 over MLLP, connecting out.
     Mllp(mllp::SinkConfig),
+    /// The vendor's hub, over the agent's uplink session.
+    Hub(hub::SinkConfig),
 }
 
 impl SourceKind {
@@ -57,6 +60,7 @@ impl SinkKind {
     pub fn kind_name(&self) -> &'static str {
         match self {
             Self::Mllp(_) => "mllp",
+            Self::Hub(_) => "hub",
         }
     }
 
@@ -64,6 +68,7 @@ impl SinkKind {
     pub fn returns_acks(&self) -> bool {
         match self {
             Self::Mllp(_) => true,
+            Self::Hub(_) => false,
         }
     }
 }
@@ -100,4 +105,7 @@ pub struct SinkContext {
     pub health: Health,
     /// Cancelled when the agent stops or the connector is restarted.
     pub shutdown: CancellationToken,
+    /// The hub session, when the agent has one: hub sinks send through it, and every sink
+    /// reports the fate of messages that came down from the hub.
+    pub uplink: Option<outpost_uplink::UplinkHandle>,
 }

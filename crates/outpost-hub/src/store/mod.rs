@@ -132,9 +132,18 @@ pub struct NewMessage {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Records a token (by its hash) for a site.
-    async fn create_token(&self, token_hash: &str, name: &str, expires_at_ms: i64) -> Result<(), HubError>;
+    async fn create_token(
+        &self,
+        token_hash: &str,
+        name: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), HubError>;
     /// Uses a token once: on success returns the site name and marks it used.
-    async fn consume_token(&self, token_hash: &str, now_ms: i64) -> Result<Result<String, TokenRefusal>, HubError>;
+    async fn consume_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Result<String, TokenRefusal>, HubError>;
     /// Registers an enrolled agent.
     async fn insert_agent(&self, agent: &AgentRecord) -> Result<(), HubError>;
     /// One agent.
@@ -144,18 +153,33 @@ pub trait Store: Send + Sync + 'static {
     /// Marks an agent revoked; returns whether it existed.
     async fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, HubError>;
     /// Records a heartbeat.
-    async fn update_inventory(&self, id: &str, inventory: &serde_json::Value, now_ms: i64) -> Result<(), HubError>;
+    async fn update_inventory(
+        &self,
+        id: &str,
+        inventory: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), HubError>;
     /// Stores messages from an agent; an item id already stored is skipped (idempotent).
     /// Returns how many were new.
-    async fn insert_messages(&self, agent_id: &str, messages: &[NewMessage], now_ms: i64) -> Result<usize, HubError>;
+    async fn insert_messages(
+        &self,
+        agent_id: &str,
+        messages: &[NewMessage],
+        now_ms: i64,
+    ) -> Result<usize, HubError>;
     /// Reads the message stream.
     async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>, HubError>;
     /// The newest messages of one agent, newest first, without payloads.
-    async fn recent_messages(&self, agent_id: &str, limit: usize) -> Result<Vec<StoredMessage>, HubError>;
+    async fn recent_messages(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, HubError>;
     /// The highest cursor so far (0 when empty).
     async fn last_cursor(&self) -> Result<i64, HubError>;
     /// Records an API key (by its hash).
-    async fn create_api_key(&self, key_hash: &str, name: &str, now_ms: i64) -> Result<(), HubError>;
+    async fn create_api_key(&self, key_hash: &str, name: &str, now_ms: i64)
+        -> Result<(), HubError>;
     /// Whether a key hash is a live API key; returns its name.
     async fn api_key(&self, key_hash: &str) -> Result<Option<String>, HubError>;
     /// Stores a message for an agent's sink.
@@ -165,5 +189,13 @@ pub trait Store: Send + Sync + 'static {
     /// Down messages of an agent not yet final (to send or resend on connect).
     async fn open_downs(&self, agent_id: &str) -> Result<Vec<DownMessage>, HubError>;
     /// Updates a down message's state.
-    async fn update_down(&self, id: &str, agent_id: &str, state: &str, item_id: Option<i64>, error: Option<&str>, now_ms: i64) -> Result<bool, HubError>;
+    async fn update_down(
+        &self,
+        id: &str,
+        agent_id: &str,
+        state: &str,
+        item_id: Option<i64>,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool, HubError>;
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{AgentRecord, DownMessage, MessageFilter, NewMessage, Store, StoredMessage, TokenRefusal};
+use super::{
+    AgentRecord, DownMessage, MessageFilter, NewMessage, Store, StoredMessage, TokenRefusal,
+};
 use crate::HubError;
 
 /// The SQLite backend.
@@ -41,13 +43,22 @@ impl SqliteStore {
     /// Opens (creating) `hub.db` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, HubError> {
         let path = data_dir.join("hub.db");
-        let sqlite = |source| HubError::Sqlite { path: path.clone(), source };
+        let sqlite = |source| HubError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(sqlite)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite)?;
         conn.execute_batch(SCHEMA).map_err(sqlite)?;
-        Ok(Self { path, conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     async fn run<T: Send + 'static>(
@@ -94,34 +105,52 @@ fn down_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DownMessage> {
 }
 
 const AGENT_COLUMNS: &str = "SELECT id, name, public_key, hostname, enrolled_at, revoked_at, last_seen, inventory FROM agents";
-const DOWN_COLUMNS: &str = "SELECT id, agent_id, sink, state, item_id, error, created_at, updated_at, payload FROM downs";
+const DOWN_COLUMNS: &str =
+    "SELECT id, agent_id, sink, state, item_id, error, created_at, updated_at, payload FROM downs";
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_token(&self, token_hash: &str, name: &str, expires_at_ms: i64) -> Result<(), HubError> {
+    async fn create_token(
+        &self,
+        token_hash: &str,
+        name: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), HubError> {
         let (hash, name) = (token_hash.to_owned(), name.to_owned());
         self.run(move |c| {
-            c.execute("INSERT INTO tokens (token_hash, name, expires_at) VALUES (?1, ?2, ?3)", params![hash, name, expires_at_ms])
-                .map(|_| ())
+            c.execute(
+                "INSERT INTO tokens (token_hash, name, expires_at) VALUES (?1, ?2, ?3)",
+                params![hash, name, expires_at_ms],
+            )
+            .map(|_| ())
         })
         .await
     }
 
-    async fn consume_token(&self, token_hash: &str, now_ms: i64) -> Result<Result<String, TokenRefusal>, HubError> {
+    async fn consume_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Result<String, TokenRefusal>, HubError> {
         let hash = token_hash.to_owned();
         self.run(move |c| {
             let tx = c.transaction()?;
             let row: Option<(String, i64, Option<i64>)> = tx
-                .query_row("SELECT name, expires_at, used_at FROM tokens WHERE token_hash = ?1", [&hash], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
+                .query_row(
+                    "SELECT name, expires_at, used_at FROM tokens WHERE token_hash = ?1",
+                    [&hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .optional()?;
             let verdict = match row {
                 None => Err(TokenRefusal::Unknown),
                 Some((_, _, Some(_))) => Err(TokenRefusal::Reused),
                 Some((_, expires_at, None)) if expires_at <= now_ms => Err(TokenRefusal::Expired),
                 Some((name, _, None)) => {
-                    tx.execute("UPDATE tokens SET used_at = ?2 WHERE token_hash = ?1", params![hash, now_ms])?;
+                    tx.execute(
+                        "UPDATE tokens SET used_at = ?2 WHERE token_hash = ?1",
+                        params![hash, now_ms],
+                    )?;
                     Ok(name)
                 }
             };
@@ -145,7 +174,15 @@ impl Store for SqliteStore {
 
     async fn agent(&self, id: &str) -> Result<Option<AgentRecord>, HubError> {
         let id = id.to_owned();
-        self.run(move |c| c.query_row(&format!("{AGENT_COLUMNS} WHERE id = ?1"), [id], agent_from_row).optional()).await
+        self.run(move |c| {
+            c.query_row(
+                &format!("{AGENT_COLUMNS} WHERE id = ?1"),
+                [id],
+                agent_from_row,
+            )
+            .optional()
+        })
+        .await
     }
 
     async fn agents(&self) -> Result<Vec<AgentRecord>, HubError> {
@@ -160,22 +197,38 @@ impl Store for SqliteStore {
     async fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, HubError> {
         let id = id.to_owned();
         self.run(move |c| {
-            c.execute("UPDATE agents SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL", params![id, now_ms])
-                .map(|n| n > 0)
+            c.execute(
+                "UPDATE agents SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_ms],
+            )
+            .map(|n| n > 0)
         })
         .await
     }
 
-    async fn update_inventory(&self, id: &str, inventory: &serde_json::Value, now_ms: i64) -> Result<(), HubError> {
+    async fn update_inventory(
+        &self,
+        id: &str,
+        inventory: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), HubError> {
         let (id, inventory) = (id.to_owned(), inventory.to_string());
         self.run(move |c| {
-            c.execute("UPDATE agents SET inventory = ?2, last_seen = ?3 WHERE id = ?1", params![id, inventory, now_ms])
-                .map(|_| ())
+            c.execute(
+                "UPDATE agents SET inventory = ?2, last_seen = ?3 WHERE id = ?1",
+                params![id, inventory, now_ms],
+            )
+            .map(|_| ())
         })
         .await
     }
 
-    async fn insert_messages(&self, agent_id: &str, messages: &[NewMessage], now_ms: i64) -> Result<usize, HubError> {
+    async fn insert_messages(
+        &self,
+        agent_id: &str,
+        messages: &[NewMessage],
+        now_ms: i64,
+    ) -> Result<usize, HubError> {
         let (agent_id, messages) = (agent_id.to_owned(), messages.to_vec());
         self.run(move |c| {
             let tx = c.transaction()?;
@@ -236,7 +289,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn recent_messages(&self, agent_id: &str, limit: usize) -> Result<Vec<StoredMessage>, HubError> {
+    async fn recent_messages(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, HubError> {
         let agent_id = agent_id.to_owned();
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
@@ -263,14 +320,27 @@ impl Store for SqliteStore {
     }
 
     async fn last_cursor(&self) -> Result<i64, HubError> {
-        self.run(|c| c.query_row("SELECT COALESCE(MAX(cursor), 0) FROM messages", [], |r| r.get(0))).await
+        self.run(|c| {
+            c.query_row("SELECT COALESCE(MAX(cursor), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
+        })
+        .await
     }
 
-    async fn create_api_key(&self, key_hash: &str, name: &str, now_ms: i64) -> Result<(), HubError> {
+    async fn create_api_key(
+        &self,
+        key_hash: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(), HubError> {
         let (hash, name) = (key_hash.to_owned(), name.to_owned());
         self.run(move |c| {
-            c.execute("INSERT INTO api_keys (key_hash, name, created_at) VALUES (?1, ?2, ?3)", params![hash, name, now_ms])
-                .map(|_| ())
+            c.execute(
+                "INSERT INTO api_keys (key_hash, name, created_at) VALUES (?1, ?2, ?3)",
+                params![hash, name, now_ms],
+            )
+            .map(|_| ())
         })
         .await
     }
@@ -278,8 +348,12 @@ impl Store for SqliteStore {
     async fn api_key(&self, key_hash: &str) -> Result<Option<String>, HubError> {
         let hash = key_hash.to_owned();
         self.run(move |c| {
-            c.query_row("SELECT name FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL", [hash], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT name FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+                [hash],
+                |r| r.get(0),
+            )
+            .optional()
         })
         .await
     }
@@ -299,7 +373,15 @@ impl Store for SqliteStore {
 
     async fn down(&self, id: &str) -> Result<Option<DownMessage>, HubError> {
         let id = id.to_owned();
-        self.run(move |c| c.query_row(&format!("{DOWN_COLUMNS} WHERE id = ?1"), [id], down_from_row).optional()).await
+        self.run(move |c| {
+            c.query_row(
+                &format!("{DOWN_COLUMNS} WHERE id = ?1"),
+                [id],
+                down_from_row,
+            )
+            .optional()
+        })
+        .await
     }
 
     async fn open_downs(&self, agent_id: &str) -> Result<Vec<DownMessage>, HubError> {
@@ -323,7 +405,12 @@ impl Store for SqliteStore {
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<bool, HubError> {
-        let (id, agent_id, state, error) = (id.to_owned(), agent_id.to_owned(), state.to_owned(), error.map(str::to_owned));
+        let (id, agent_id, state, error) = (
+            id.to_owned(),
+            agent_id.to_owned(),
+            state.to_owned(),
+            error.map(str::to_owned),
+        );
         self.run(move |c| {
             c.execute(
                 "UPDATE downs SET state = ?3, item_id = COALESCE(?4, item_id), error = ?5, updated_at = ?6

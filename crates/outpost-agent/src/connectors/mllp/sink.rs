@@ -118,7 +118,8 @@ impl Sender {
                 cx.queue.mark_delivered(&cx.name, lease.id).await?;
                 cx.health.count_item(&cx.name);
                 cx.health.set_state(&cx.name, ConnectorState::Running);
-                self.report(cx, &lease, DeliveryOutcome::Delivered(reply));
+                self.report(cx, &lease, DeliveryOutcome::Delivered(reply))
+                    .await;
                 tracing::debug!("delivered");
                 Ok(None)
             }
@@ -150,7 +151,8 @@ impl Sender {
                             error,
                             "delivery refused; moved to dead letters"
                         );
-                        self.report(cx, &lease, DeliveryOutcome::DeadLettered(error));
+                        self.report(cx, &lease, DeliveryOutcome::DeadLettered(error))
+                            .await;
                     }
                 }
                 Ok(None)
@@ -182,7 +184,18 @@ impl Sender {
             .map_err(|err| format!("{}: {err}", self.config.connect))
     }
 
-    fn report(&self, cx: &SinkContext, lease: &Lease, outcome: DeliveryOutcome) {
+    /// Tells whoever waits for this item's fate: a source acknowledging on delivery, or
+    /// the hub for a message it sent down.
+    async fn report(&self, cx: &SinkContext, lease: &Lease, outcome: DeliveryOutcome) {
+        if let (Some(uplink), Some(down_id)) = (&cx.uplink, &lease.external_ref) {
+            let (state, error) = match &outcome {
+                DeliveryOutcome::Delivered(_) => ("delivered", None),
+                DeliveryOutcome::DeadLettered(error) => ("dead", Some(error.clone())),
+            };
+            uplink
+                .report_down(down_id, state, Some(lease.id.0), error)
+                .await;
+        }
         if cx
             .ack_on_delivery_sources
             .iter()

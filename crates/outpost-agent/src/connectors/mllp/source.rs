@@ -253,6 +253,7 @@ impl Connection {
             msg_type: message.message_type_full(),
             control_id: message.control_id().filter(|id| !id.is_empty()),
             subject: message.get_unescaped("PID-3.1").filter(|id| !id.is_empty()),
+            external_ref: None,
             payload,
             sinks,
         }
@@ -265,6 +266,7 @@ impl Connection {
             msg_type: None,
             control_id: None,
             subject: None,
+            external_ref: None,
             payload,
             sinks: Vec::new(),
         };

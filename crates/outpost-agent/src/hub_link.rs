@@ -1,0 +1,208 @@
+//! Wires the agent to its hub: loads (or, with a token in `[hub]`, makes) the credentials,
+//! starts the uplink with an inventory of this agent, and puts messages the hub sends down
+//! into the queue for the named sink.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use outpost_core::{ConnectorName, ItemKind};
+use outpost_proto::{ConnectorReport, Inventory, QueueReport};
+use outpost_queue::{NewItem, Queue};
+use outpost_uplink::{Credentials, DownRequest, InventorySource, Uplink, UplinkHandle};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, HUB_SOURCE};
+use crate::connectors::SinkKind;
+use crate::{AgentError, Health};
+
+/// Starts the uplink; returns its handle.
+pub async fn start(
+    config: Arc<AgentConfig>,
+    queue: Queue,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<UplinkHandle, AgentError> {
+    let credentials = match Credentials::load(&config.data_dir) {
+        Ok(credentials) => credentials,
+        Err(outpost_uplink::UplinkError::NotEnrolled { .. })
+            if has_enrollment_settings(&config) =>
+        {
+            let hub = config.hub.clone().unwrap_or_default();
+            let (url, token) = (hub.url.unwrap_or_default(), hub.token.unwrap_or_default());
+            let enrolled =
+                outpost_uplink::enroll(&config.data_dir, &url, &token, hub.ca_file.as_deref())
+                    .await?;
+            tracing::info!(agent_id = %enrolled.agent_id, name = %enrolled.name, hub = %url, "enrolled with the hub");
+            Credentials::load(&config.data_dir)?
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let (downs, requests) = mpsc::channel(64);
+    let inventory = inventory_source(config.clone(), queue.clone(), health);
+    let uplink = Uplink::start(credentials, inventory, downs, shutdown.clone());
+    tokio::spawn(take_downs(
+        config,
+        queue,
+        uplink.clone(),
+        requests,
+        shutdown,
+    ));
+    Ok(uplink)
+}
+
+fn has_enrollment_settings(config: &AgentConfig) -> bool {
+    config
+        .hub
+        .as_ref()
+        .is_some_and(|hub| hub.url.is_some() && hub.token.is_some())
+}
+
+fn inventory_source(config: Arc<AgentConfig>, queue: Queue, health: Health) -> InventorySource {
+    let started = Instant::now();
+    Arc::new(move || {
+        let (config, queue, health) = (config.clone(), queue.clone(), health.clone());
+        Box::pin(async move {
+            let stats = queue.stats().await.unwrap_or_default();
+            Inventory {
+                hostname: hostname(),
+                os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_secs: started.elapsed().as_secs(),
+                agent_time_ms: outpost_queue::now_ms(),
+                connectors: health
+                    .snapshot()
+                    .into_iter()
+                    .map(|(name, status)| ConnectorReport {
+                        name: name.to_string(),
+                        role: status.role.to_owned(),
+                        kind: status.kind.to_owned(),
+                        state: status.state.as_str().to_owned(),
+                        last_error: status.last_error,
+                        items: status.items,
+                        failures: status.failures,
+                    })
+                    .collect(),
+                queues: stats
+                    .sinks
+                    .iter()
+                    .filter(|s| config.sinks.iter().any(|c| c.name.as_str() == s.sink))
+                    .map(|s| QueueReport {
+                        sink: s.sink.clone(),
+                        pending: s.pending,
+                        retrying: s.retrying,
+                        dead: s.dead,
+                        oldest_pending_ms: s.oldest_pending_ms,
+                    })
+                    .collect(),
+                rejected: stats.rejected,
+                disk_free_bytes: queue.disk_free_bytes(),
+                queue_bytes: queue.disk_bytes(),
+            }
+        })
+    })
+}
+
+/// Puts each message from the hub on its sink's queue, once: a message the hub sends
+/// again (after a reconnect) is answered with its current state instead.
+async fn take_downs(
+    config: Arc<AgentConfig>,
+    queue: Queue,
+    uplink: UplinkHandle,
+    mut requests: mpsc::Receiver<DownRequest>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let (state, item_id, error) = match take_down(&config, &queue, &request).await {
+            Ok((state, item_id, error)) => (state, item_id, error),
+            Err(err) => {
+                // Not stored: say nothing, the hub resends on the next session.
+                tracing::error!(down_id = %request.down_id, error = %err, "cannot queue a message from the hub");
+                continue;
+            }
+        };
+        tracing::info!(down_id = %request.down_id, sink = %request.sink, state, "message from the hub");
+        uplink
+            .report_down(&request.down_id, state, item_id, error)
+            .await;
+    }
+}
+
+async fn take_down(
+    config: &AgentConfig,
+    queue: &Queue,
+    request: &DownRequest,
+) -> Result<(&'static str, Option<i64>, Option<String>), outpost_queue::QueueError> {
+    if let Some((id, delivery)) = queue.find_by_external_ref(&request.down_id).await? {
+        let state = match delivery.as_ref().map(|d| d.state) {
+            Some("delivered") => "delivered",
+            Some("dead") => "dead",
+            _ => "queued",
+        };
+        return Ok((state, Some(id.0), delivery.and_then(|d| d.last_error)));
+    }
+    let sink = config
+        .sinks
+        .iter()
+        .find(|s| s.name.as_str() == request.sink);
+    let sink = match sink {
+        None => {
+            return Ok((
+                "refused",
+                None,
+                Some(format!("this agent has no sink named {:?}", request.sink)),
+            ))
+        }
+        Some(sink) if matches!(sink.kind, SinkKind::Hub(_)) => {
+            return Ok((
+                "refused",
+                None,
+                Some(format!("sink {:?} leads back to the hub", request.sink)),
+            ))
+        }
+        Some(sink) => sink,
+    };
+    let payload = outpost_hl7::normalize_segment_terminators(&request.payload).into_owned();
+    let (msg_type, control_id) = match outpost_hl7::Message::parse(&payload) {
+        Ok(message) => (message.message_type_full(), message.control_id()),
+        Err(err) => {
+            return Ok((
+                "refused",
+                None,
+                Some(format!("malformed HL7 message: {err}")),
+            ))
+        }
+    };
+    let item = NewItem {
+        source: ConnectorName::new(HUB_SOURCE)
+            .unwrap_or_else(|_| unreachable!("\"hub\" is a valid connector name")),
+        kind: ItemKind::Hl7,
+        msg_type,
+        control_id,
+        subject: None,
+        external_ref: Some(request.down_id.clone()),
+        payload,
+        sinks: vec![sink.name.clone()],
+    };
+    let id = queue.append(item).await?;
+    Ok(("queued", Some(id.0), None))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .or_else(|_| std::env::var("COMPUTERNAME"))
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
