@@ -26,7 +26,7 @@ pub fn routes() -> Router<Arc<HubState>> {
         .route("/agents/{id}", get(agent_page))
         .route("/agents/{id}/messages/{cursor}", get(message_page))
         .route("/dashboard/fleet.json", get(fleet_json))
-        .route("/dashboard/agents/{id}.json", get(agent_json))
+        .route("/dashboard/agent/{id}", get(agent_json))
 }
 
 /// The API key held in the dashboard's cookie.
@@ -194,7 +194,6 @@ async fn agent_json(
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentPage>, ApiError> {
-    let id = id.strip_suffix(".json").unwrap_or(&id).to_owned();
     Ok(Json(agent_data(&state, &id).await?))
 }
 
@@ -222,7 +221,7 @@ document.getElementById('connectors').innerHTML = (inv.connectors || []).map(c =
 document.getElementById('queues').innerHTML = (inv.queues || []).map(q => `<tr><td>${{esc(q.sink)}}</td><td>${{q.pending}}</td><td>${{q.retrying}}</td><td>${{q.dead}}</td></tr>`).join('');
 document.getElementById('messages').innerHTML = d.messages.map(m => `<tr><td>${{m.cursor}}</td><td>${{new Date(m.received_at_ms).toLocaleString()}}</td><td>${{esc(m.source)}}</td><td>${{esc(m.msg_type || '')}}</td><td>${{esc(m.control_id || '')}}</td><td><a href="/agents/${{enc(a.id)}}/messages/${{m.cursor}}">show content</a></td></tr>`).join(''); }};
 render({initial});
-setInterval(() => fetch('/dashboard/agents/' + enc(id) + '.json').then(r => r.json()).then(render).catch(() => {{}}), 2000);"#,
+setInterval(() => fetch('/dashboard/agent/' + enc(id)).then(r => r.json()).then(render).catch(() => {{}}), 2000);"#,
         id = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".into())
     );
     Ok(Html(page("Agent", body, &script)).into_response())
