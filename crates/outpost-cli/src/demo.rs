@@ -1,13 +1,16 @@
-//! `outpost demo`: an agent on loopback between a sender and a downstream "lab", with
-//! sample messages going through, and a report of where each went.
+//! `outpost demo`: a hub and an enrolled agent on loopback with embedded defaults. Sample
+//! HL7 messages go into the agent's MLLP source and out to the hub (visible in the data API
+//! and dashboard) and to a downstream "lab" MLLP server. Prints where everything is and
+//! what to try.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
 use outpost_agent::AgentConfig;
 use outpost_hl7::Ack;
+use outpost_hub::{secrets, HubConfig};
 use outpost_mllp::MllpClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,68 +21,89 @@ use crate::{inspect, samples, signals};
 /// How often the demo sends another message after the first batch.
 const SEND_EVERY: Duration = Duration::from_secs(3);
 
-/// Runs the demo until `run_for` passes or Ctrl-C.
-pub async fn run(run_for: Option<Duration>, data_dir: PathBuf) -> anyhow::Result<()> {
-    let (events_tx, mut events) = mpsc::channel(256);
-    let downstream = Downstream::start(Some(events_tx))
-        .await
-        .context("starting the demo downstream")?;
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let data_dir = data_dir.canonicalize()?;
-    let config_text = format!(
-        r#"data_dir = {data_dir:?}
-[[source]]
-name = "lab-in"
-kind = "mllp"
-listen = "127.0.0.1:0"
-[[sink]]
-name = "lab-out"
-kind = "mllp"
-connect = "{downstream}"
-[[route]]
-from = "lab-in"
-to = ["lab-out"]
-"#,
-        data_dir = data_dir.display().to_string(),
-        downstream = downstream.addr
-    );
-    let config_path = data_dir.join("demo-agent.toml");
-    std::fs::write(&config_path, &config_text)?;
-    let config = AgentConfig::parse(&config_text, &config_path)?;
+/// Runs the demo until `run_for` passes or Ctrl-C. Without `data_dir` it works in a
+/// temporary folder that is removed at the end.
+pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let temporary = tempfile::Builder::new().prefix("outpost-demo-").tempdir()?;
+    let root = match &data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.canonicalize()?
+        }
+        None => temporary.path().to_owned(),
+    };
     let shutdown = CancellationToken::new();
-    let agent = outpost_agent::start(config.clone(), shutdown.clone()).await?;
-    let source_addr = agent
+
+    let hub_config = HubConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: root.join("hub"),
+        heartbeat: Duration::from_secs(2),
+        ..HubConfig::default()
+    };
+    let hub = outpost_hub::start(hub_config, shutdown.child_token())
+        .await
+        .context("starting the demo hub")?;
+    let hub_url = format!("https://{}", hub.addr);
+    let ca = hub
+        .ca_path
+        .clone()
+        .context("the demo hub has no CA of its own")?;
+    let now = outpost_hub::now_ms();
+    let token = secrets::new_secret("opt_");
+    hub.state
+        .store
+        .create_token(
+            &secrets::hash_secret(&token),
+            "Demo Family Practice",
+            now + 3_600_000,
+        )
+        .await?;
+    let api_key = secrets::new_secret("opk_");
+    hub.state
+        .store
+        .create_api_key(&secrets::hash_secret(&api_key), "demo", now)
+        .await?;
+
+    let (events_tx, mut events) = mpsc::channel(256);
+    let lab = Downstream::start(Some(events_tx))
+        .await
+        .context("starting the demo lab")?;
+    let agent_config = agent_config(&root.join("agent"), &hub_url, &token, &ca, lab.addr)?;
+    let agent = outpost_agent::start(agent_config.clone(), shutdown.child_token())
+        .await
+        .context("starting the demo agent")?;
+    let source = agent
         .listeners
         .first()
         .map(|(_, addr)| *addr)
         .context("the demo source did not bind")?;
 
-    println!("Outpost demo");
-    println!("  agent     MLLP source \"lab-in\" listening on {source_addr}");
+    println!("Outpost demo (hub and agent on loopback)");
+    println!("  hub        {hub_url}   CA {}", ca.display());
+    println!("  dashboard  {hub_url}/   (sign in with the API key; the CA is the demo's own, so the browser will warn)");
+    println!("  API key    {api_key}");
+    println!("  agent      MLLP source \"lab-in\" on {source}, sinks \"vendor\" (the hub) and \"lab-out\" (a lab at {})", lab.addr);
+    println!("  try        curl --cacert {} -H 'Authorization: Bearer {api_key}' '{hub_url}/api/v1/messages?after=0&limit=10'", ca.display());
     println!(
-        "  agent     MLLP sink \"lab-out\" delivering to the downstream lab at {}",
-        downstream.addr
+        "             curl --cacert {} {hub_url}/api/v1/openapi.json",
+        ca.display()
     );
-    println!("  queue     {}", agent.queue.path().display());
     println!(
-        "  config    {}  (try: outpost queue status --config {})",
-        config_path.display(),
-        config_path.display()
+        "             outpost queue status --config {}",
+        agent_config.path.display()
     );
     println!();
 
     let printer = tokio::spawn(async move {
         while let Some(received) = events.recv().await {
             println!(
-                "  downstream lab received {} {} ({} bytes)",
+                "  lab received {} {} ({} bytes)",
                 received.msg_type, received.control_id, received.bytes
             );
         }
     });
-
     let mut sender = MllpClient::connect(
-        source_addr,
+        source,
         Duration::from_secs(5),
         outpost_mllp::DEFAULT_MAX_FRAME_BYTES,
     )
@@ -94,7 +118,6 @@ to = ["lab-out"]
     for message in &first_batch {
         send_and_print(&mut sender, message).await?;
     }
-
     let deadline = run_for.map(|d| tokio::time::Instant::now() + d);
     let mut next = 4;
     loop {
@@ -113,18 +136,72 @@ to = ["lab-out"]
             }
         }
     }
-    // Give the sink a moment to deliver what was just acknowledged.
-    let received = downstream.count.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    println!();
-    println!(
-        "Where the messages went (downstream received {}):",
-        downstream.count.load(Ordering::Relaxed).max(received)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report(&hub, &agent, lab.count.load(Ordering::Relaxed)).await?;
+    agent.stop().await;
+    shutdown.cancel();
+    hub.wait().await;
+    printer.abort();
+    Ok(())
+}
+
+fn agent_config(
+    dir: &Path,
+    hub_url: &str,
+    token: &str,
+    ca: &Path,
+    lab: std::net::SocketAddr,
+) -> anyhow::Result<AgentConfig> {
+    std::fs::create_dir_all(dir)?;
+    let text = format!(
+        r#"data_dir = "."
+[hub]
+url = "{hub_url}"
+token = "{token}"
+ca_file = {ca:?}
+[[source]]
+name = "lab-in"
+kind = "mllp"
+listen = "127.0.0.1:0"
+[[sink]]
+name = "vendor"
+kind = "hub"
+[[sink]]
+name = "lab-out"
+kind = "mllp"
+connect = "{lab}"
+[[route]]
+from = "lab-in"
+to = ["vendor", "lab-out"]
+"#,
+        ca = ca.display().to_string()
     );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, &text)?;
+    Ok(AgentConfig::parse(&text, &path)?)
+}
+
+async fn report(
+    hub: &outpost_hub::RunningHub,
+    agent: &outpost_agent::RunningAgent,
+    lab_count: u64,
+) -> anyhow::Result<()> {
+    println!();
+    let filter = outpost_hub::store::MessageFilter {
+        limit: 1000,
+        ..Default::default()
+    };
+    let at_hub = hub.state.store.messages(&filter).await?;
+    println!("Where the messages went:");
+    println!(
+        "  hub stored {} (data API: GET /api/v1/messages)",
+        at_hub.len()
+    );
+    println!("  lab received {lab_count}");
     let stats = agent.queue.stats().await?;
     for sink in &stats.sinks {
         println!(
-            "  sink {:<10} delivered {}  pending {}  dead letters {}",
+            "  agent sink {:<8} delivered {}  pending {}  dead letters {}",
             sink.sink, sink.delivered, sink.pending, sink.dead
         );
     }
@@ -134,7 +211,7 @@ to = ["lab-out"]
     );
     for (name, status) in agent.health.snapshot() {
         println!(
-            "  {} {:<10} {:<8} items {}  failures {}  last error: {}",
+            "  {} {:<8} {:<8} items {}  failures {}  last error: {}",
             status.role,
             name,
             status.state.as_str(),
@@ -144,15 +221,9 @@ to = ["lab-out"]
         );
     }
     println!(
-        "  queue on disk: {}",
+        "  agent queue on disk: {}",
         inspect::bytes(agent.queue.disk_bytes())
     );
-    println!(
-        "  search it: outpost hl7 search --config {} --type ORU^R01",
-        config_path.display()
-    );
-    agent.stop().await;
-    printer.abort();
     Ok(())
 }
 

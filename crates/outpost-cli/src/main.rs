@@ -55,9 +55,10 @@ enum Command {
         /// Stop by itself after this long, e.g. `30s` (default: run until Ctrl-C).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         run_for: Option<Duration>,
-        /// Where the demo keeps its queue.
-        #[arg(long, default_value = "./outpost-demo")]
-        data_dir: PathBuf,
+        /// Keep the demo's hub and agent data here (default: a temporary folder, removed
+        /// at the end).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Inspect the queue: depth per sink, dead letters, retries.
     Queue {

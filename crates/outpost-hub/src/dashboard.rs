@@ -66,7 +66,7 @@ async fn login(State(state): State<Arc<HubState>>, Form(form): Form<LoginForm>) 
     if !valid || !is_safe {
         return Html(page("Sign in", "<p class=\"bad\">That API key is not valid.</p><p><a href=\"/login\">Try again</a></p>", "")).into_response();
     }
-    let cookie = format!("{COOKIE}={key}; Path=/; HttpOnly; Secure; SameSite=Strict");
+    let cookie = format!("{COOKIE}={key}; Path=/; HttpOnly; Secure; SameSite=Lax");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
