@@ -19,7 +19,12 @@ use crate::downstream::Downstream;
 use crate::samples;
 
 /// The reference peer, copied from the verified recipe in `peers/`.
-const PYTHON_PEER: &str = include_str!("../../../peers/pyhl7_mllp_server.py");
+const PYTHON_PEER: &str = include_str!("../../../../peers/pyhl7_mllp_server.py");
+
+mod uplink;
+
+/// When each message was sent, by control id, for end-to-end latency.
+pub(crate) type SendTimes = Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>;
 
 /// What to benchmark.
 #[derive(Subcommand)]
@@ -36,15 +41,34 @@ pub enum BenchTarget {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
+    /// the data API.
+    Uplink {
+        /// Messages to send.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// Sender connections into the agent's MLLP source.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+    },
 }
 
 /// Runs a benchmark and prints its figures.
 pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
-    let BenchTarget::Hl7 {
-        messages,
-        connections,
-        python,
-    } = target;
+    match target {
+        BenchTarget::Hl7 {
+            messages,
+            connections,
+            python,
+        } => hl7(messages, connections, python).await,
+        BenchTarget::Uplink {
+            messages,
+            connections,
+        } => uplink::run(messages, connections).await,
+    }
+}
+
+async fn hl7(messages: usize, connections: usize, python: String) -> anyhow::Result<()> {
     let connections = connections.max(1);
     let work = tempfile::tempdir()?;
     let downstream = Downstream::start(None).await?;
@@ -87,7 +111,7 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
         .with_context(|| format!("starting {python} (needs python-hl7: pip install hl7)"))?;
     let peer_result = async {
         wait_for_port(peer_addr, &mut peer).await?;
-        drive("python-hl7", peer_addr, messages, connections).await
+        drive("python-hl7", peer_addr, messages, connections, None).await
     }
     .await;
     stop(&mut peer);
@@ -161,7 +185,7 @@ async fn measure_agent(
         })
     };
     let started = Instant::now();
-    let load = drive("agent", addr, messages, connections).await;
+    let load = drive("agent", addr, messages, connections, None).await;
     sampling.store(false, Ordering::Relaxed);
     let rss_load_kb = sampler.await.ok().flatten();
     let load = load?;
@@ -184,19 +208,19 @@ async fn measure_agent(
     })
 }
 
-struct LoadFigures {
-    acked: usize,
-    errors: usize,
-    elapsed: Duration,
+pub(crate) struct LoadFigures {
+    pub(crate) acked: usize,
+    pub(crate) errors: usize,
+    pub(crate) elapsed: Duration,
     latencies_us: Vec<u64>,
 }
 
 impl LoadFigures {
-    fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.acked as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
     }
 
-    fn percentile_ms(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return 0.0;
         }
@@ -206,11 +230,12 @@ impl LoadFigures {
 }
 
 /// Sends `messages` over `connections` persistent connections, each waiting for its ACK.
-async fn drive(
+pub(crate) async fn drive(
     label: &str,
     addr: SocketAddr,
     messages: usize,
     connections: usize,
+    send_times: Option<SendTimes>,
 ) -> anyhow::Result<LoadFigures> {
     let progress = ProgressBar::new(messages as u64);
     progress.set_style(
@@ -223,6 +248,7 @@ async fn drive(
     let mut tasks = Vec::new();
     for connection in 0..connections {
         let progress = progress.clone();
+        let send_times = send_times.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = MllpClient::connect(
                 addr,
@@ -234,6 +260,11 @@ async fn drive(
             for n in (connection..messages).step_by(connections) {
                 let message = samples::lab_result(&format!("B{n}"), n);
                 let sent = Instant::now();
+                if let Some(times) = &send_times {
+                    if let Ok(mut times) = times.lock() {
+                        times.insert(format!("B{n}"), sent);
+                    }
+                }
                 let reply = client.request(&message, Duration::from_secs(30)).await?;
                 match Ack::parse(&reply) {
                     Ok(ack) if ack.code.is_accept() => {
@@ -265,12 +296,12 @@ async fn drive(
     Ok(figures)
 }
 
-fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
 }
 
-async fn wait_for_port(addr: SocketAddr, process: &mut Child) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_port(addr: SocketAddr, process: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -286,7 +317,7 @@ async fn wait_for_port(addr: SocketAddr, process: &mut Child) -> anyhow::Result<
     }
 }
 
-fn stop(process: &mut Child) {
+pub(crate) fn stop(process: &mut Child) {
     let _ = process.kill();
     let _ = process.wait();
 }
@@ -311,23 +342,23 @@ fn fsync_rate(dir: &Path) -> anyhow::Result<f64> {
 
 /// Resident memory of a process in KiB, where the OS tells it.
 #[cfg(target_os = "linux")]
-fn rss_kb(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(not(target_os = "linux"))]
-fn rss_kb(_pid: u32) -> Option<u64> {
+pub(crate) fn rss_kb(_pid: u32) -> Option<u64> {
     None
 }
 
-fn mb(kb: Option<u64>) -> String {
+pub(crate) fn mb(kb: Option<u64>) -> String {
     kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0))
         .unwrap_or_else(|| "n/a".into())
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
