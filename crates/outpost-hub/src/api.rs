@@ -195,7 +195,11 @@ async fn agent_session(
     State(state): State<Arc<HubState>>,
     ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>,
 ) -> Response {
-    ws.max_message_size(outpost_proto::MAX_FRAME_BYTES)
+    // Small buffers: an idle session mostly waits, and the hub holds thousands of them
+    // (tungstenite's defaults reserve 128 KiB per direction up front).
+    ws.read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(outpost_proto::MAX_FRAME_BYTES)
         .max_frame_size(outpost_proto::MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session::run(socket, state, peer))
 }

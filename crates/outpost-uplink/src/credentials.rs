@@ -158,7 +158,7 @@ pub async fn enroll(
 }
 
 /// TLS 1.3 client settings trusting only `ca_file` when given, else the public roots.
-pub(crate) fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
+pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, UplinkError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {

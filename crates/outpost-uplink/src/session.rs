@@ -104,7 +104,11 @@ impl Link {
                     tracing::info!(hub = %self.credentials.hub_url, agent_id = %self.credentials.agent_id, clock_skew_ms = skew_ms, "connected to the hub");
                     self.state.send_replace(LinkState::Up(session));
                     let reason = self.serve(socket, session, heartbeat).await;
-                    tracing::warn!(reason, "hub session ended");
+                    if self.shutdown.is_cancelled() {
+                        tracing::info!(reason, "hub session ended");
+                    } else {
+                        tracing::warn!(reason, "hub session ended");
+                    }
                     self.state.send_replace(LinkState::Down(reason));
                 }
                 Err(ConnectError::Refused(reason)) => {

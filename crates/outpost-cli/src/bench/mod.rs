@@ -21,6 +21,7 @@ use crate::samples;
 /// The reference peer, copied from the verified recipe in `peers/`.
 const PYTHON_PEER: &str = include_str!("../../../../peers/pyhl7_mllp_server.py");
 
+mod fleet;
 mod uplink;
 
 /// When each message was sent, by control id, for end-to-end latency.
@@ -40,6 +41,16 @@ pub enum BenchTarget {
         /// The Python that has the `hl7` package (pip install hl7).
         #[arg(long, default_value = "python3")]
         python: String,
+    },
+    /// Many simulated agents (real uplink sessions) against one hub: memory per session
+    /// and heartbeats per second.
+    Fleet {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Heartbeat period the hub asks for.
+        #[arg(long, default_value_t = 5)]
+        heartbeat_secs: u64,
     },
     /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
     /// the data API.
@@ -65,6 +76,10 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             messages,
             connections,
         } => uplink::run(messages, connections).await,
+        BenchTarget::Fleet {
+            agents,
+            heartbeat_secs,
+        } => fleet::run(agents, heartbeat_secs).await,
     }
 }
 
