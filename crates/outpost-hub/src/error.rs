@@ -14,6 +14,18 @@ pub enum HubError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The PostgreSQL store failed. Only the URL with its password redacted is kept, and the
+    /// detail holds PostgreSQL's code and message but never its DETAIL (which can quote row
+    /// values), so the error is safe to log.
+    #[error("hub store {target}: {operation}: {detail}")]
+    Postgres {
+        /// The database URL, password redacted.
+        target: String,
+        /// What the store was doing (`migrate`, `insert_messages`, ...).
+        operation: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// The store's worker went away.
     #[error("hub store unavailable")]
     StoreUnavailable,

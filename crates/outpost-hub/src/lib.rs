@@ -132,9 +132,15 @@ pub async fn open_store(config: &HubConfig) -> Result<Arc<dyn Store>, HubError> 
             .await
             .map_err(|_| HubError::StoreUnavailable)??;
         Ok(Arc::new(store))
+    } else if config.database.starts_with("postgres://")
+        || config.database.starts_with("postgresql://")
+    {
+        Ok(Arc::new(
+            store::postgres::PostgresStore::open(&config.database).await?,
+        ))
     } else {
         Err(HubError::Config(format!(
-            "database {:?}: PostgreSQL is not available in this build yet; use \"sqlite\"",
+            "database {:?}: expected \"sqlite\" or a postgres:// URL",
             secrets::redact_url(&config.database)
         )))
     }

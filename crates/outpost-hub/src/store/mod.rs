@@ -1,6 +1,7 @@
 //! The hub's store: one trait, two backends (SQLite in the data folder by default,
 //! PostgreSQL for several hub processes). Every handler talks to `dyn Store`.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
