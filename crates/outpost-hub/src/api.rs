@@ -290,7 +290,8 @@ async fn list_messages(
     State(state): State<Arc<HubState>>,
     Query(query): Query<MessagesQuery>,
 ) -> Result<Json<MessagesPage>, ApiError> {
-    let last = *state.last_cursor.borrow();
+    // The store, not this process, knows the stream's end: several hubs may share it.
+    let last = state.store.last_cursor().await?;
     if query.after < 0 || query.after > last {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -332,15 +333,9 @@ async fn list_messages(
                 next_cursor,
             }));
         }
-        if tokio::time::timeout_at(deadline, changes.changed())
-            .await
-            .is_err()
-        {
-            return Ok(Json(MessagesPage {
-                messages,
-                next_cursor: filter.after,
-            }));
-        }
+        // Woken at once by this hub's inserts; polls for other hubs' every half second.
+        let wake = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+        let _ = tokio::time::timeout_at(wake, changes.changed()).await;
     }
 }
 

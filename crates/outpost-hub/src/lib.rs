@@ -35,6 +35,62 @@ pub struct HubState {
     pub sessions: Sessions,
     /// The last stored message cursor, for long-polling readers.
     pub last_cursor: watch::Sender<i64>,
+    /// Heartbeats waiting to be written, in one transaction, by the flusher.
+    pub heartbeats: Heartbeats,
+}
+
+/// The latest heartbeat of each agent since the last flush. Writing each heartbeat on
+/// its own would cost one commit each: thousands a second with a large fleet.
+#[derive(Default)]
+pub struct Heartbeats {
+    pending: Mutex<HashMap<String, (serde_json::Value, i64)>>,
+}
+
+impl Heartbeats {
+    /// Keeps an agent's latest inventory until the next flush.
+    pub fn record(&self, agent_id: &str, inventory: serde_json::Value, seen_ms: i64) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(agent_id.to_owned(), (inventory, seen_ms));
+        }
+    }
+
+    fn take(&self) -> Vec<store::InventoryUpdate> {
+        let pending = self
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        pending
+            .into_iter()
+            .map(|(agent_id, (inventory, seen_ms))| store::InventoryUpdate {
+                agent_id,
+                inventory,
+                seen_ms,
+            })
+            .collect()
+    }
+}
+
+/// How often buffered heartbeats are written.
+const HEARTBEAT_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+
+async fn flush_heartbeats(state: Arc<HubState>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(HEARTBEAT_FLUSH);
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = interval.tick() => false,
+        };
+        let updates = state.heartbeats.take();
+        if !updates.is_empty() {
+            if let Err(err) = state.store.update_inventories(&updates).await {
+                tracing::warn!(error = %err, agents = updates.len(), "cannot record heartbeats");
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
 }
 
 /// Live sessions by agent id. A newer session for the same agent replaces the older.
@@ -162,7 +218,9 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<Run
         config: config.clone(),
         sessions: Sessions::default(),
         last_cursor,
+        heartbeats: Heartbeats::default(),
     });
+    tokio::spawn(flush_heartbeats(state.clone(), shutdown.child_token()));
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {

@@ -211,10 +211,10 @@ async fn handle(
                 .into_iter()
                 .map(|i| NewMessage {
                     item_id: i.id,
-                    source: i.source,
-                    kind: i.kind,
-                    msg_type: i.msg_type,
-                    control_id: i.control_id,
+                    source: clean_text(i.source),
+                    kind: clean_text(i.kind),
+                    msg_type: i.msg_type.map(clean_text),
+                    control_id: i.control_id.map(clean_text),
                     received_at_ms: i.received_at_ms,
                     payload: i.payload.0,
                 })
@@ -232,10 +232,7 @@ async fn handle(
         }
         AgentToHub::Heartbeat { inventory } => {
             let value = serde_json::to_value(&*inventory).unwrap_or(serde_json::Value::Null);
-            state
-                .store
-                .update_inventory(&agent.id, &value, now_ms())
-                .await?;
+            state.heartbeats.record(&agent.id, value, now_ms());
         }
         AgentToHub::DownState {
             down_id,
@@ -265,4 +262,17 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+/// Metadata from an agent with control characters (NUL above all, which PostgreSQL text
+/// refuses) replaced, so one odd message cannot wedge a whole batch; the payload is
+/// stored as sent.
+fn clean_text(text: String) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+            .collect()
+    } else {
+        text
+    }
 }

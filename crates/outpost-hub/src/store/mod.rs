@@ -93,6 +93,17 @@ pub struct DownMessage {
     pub payload: Vec<u8>,
 }
 
+/// One agent's latest heartbeat.
+#[derive(Debug, Clone)]
+pub struct InventoryUpdate {
+    /// The agent.
+    pub agent_id: String,
+    /// Its inventory.
+    pub inventory: serde_json::Value,
+    /// When the heartbeat arrived (unix ms).
+    pub seen_ms: i64,
+}
+
 /// Filters for reading the message stream.
 #[derive(Debug, Clone, Default)]
 pub struct MessageFilter {
@@ -153,13 +164,9 @@ pub trait Store: Send + Sync + 'static {
     async fn agents(&self) -> Result<Vec<AgentRecord>, HubError>;
     /// Marks an agent revoked; returns whether it existed.
     async fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<bool, HubError>;
-    /// Records a heartbeat.
-    async fn update_inventory(
-        &self,
-        id: &str,
-        inventory: &serde_json::Value,
-        now_ms: i64,
-    ) -> Result<(), HubError>;
+    /// Records heartbeats (inventory and last-seen time), many in one transaction: a hub
+    /// with thousands of agents gets thousands of heartbeats a second.
+    async fn update_inventories(&self, updates: &[InventoryUpdate]) -> Result<(), HubError>;
     /// Stores messages from an agent; an item id already stored is skipped (idempotent).
     /// Returns how many were new.
     async fn insert_messages(

@@ -35,7 +35,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    AgentRecord, DownMessage, MessageFilter, NewMessage, Store, StoredMessage, TokenRefusal,
+    AgentRecord, DownMessage, InventoryUpdate, MessageFilter, NewMessage, Store, StoredMessage,
+    TokenRefusal,
 };
 use crate::{secrets, HubError};
 
@@ -414,19 +415,19 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn update_inventory(
-        &self,
-        id: &str,
-        inventory: &serde_json::Value,
-        now_ms: i64,
-    ) -> Result<(), HubError> {
-        let inventory = inventory.to_string();
-        self.run("update_inventory", async {
-            let client = self.pool.get().await?;
-            let stmt = client
+    async fn update_inventories(&self, updates: &[InventoryUpdate]) -> Result<(), HubError> {
+        self.run("update_inventories", async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let stmt = tx
                 .prepare_cached("UPDATE agents SET inventory = $2, last_seen = $3 WHERE id = $1")
                 .await?;
-            client.execute(&stmt, &[&id, &inventory, &now_ms]).await?;
+            for u in updates {
+                let inventory = u.inventory.to_string();
+                tx.execute(&stmt, &[&u.agent_id, &inventory, &u.seen_ms])
+                    .await?;
+            }
+            tx.commit().await?;
             Ok(())
         })
         .await

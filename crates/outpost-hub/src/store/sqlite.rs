@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRecord, DownMessage, MessageFilter, NewMessage, Store, StoredMessage, TokenRefusal,
+    AgentRecord, DownMessage, InventoryUpdate, MessageFilter, NewMessage, Store, StoredMessage,
+    TokenRefusal,
 };
 use crate::HubError;
 
@@ -206,19 +207,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_inventory(
-        &self,
-        id: &str,
-        inventory: &serde_json::Value,
-        now_ms: i64,
-    ) -> Result<(), HubError> {
-        let (id, inventory) = (id.to_owned(), inventory.to_string());
+    async fn update_inventories(&self, updates: &[InventoryUpdate]) -> Result<(), HubError> {
+        let updates = updates.to_vec();
         self.run(move |c| {
-            c.execute(
-                "UPDATE agents SET inventory = ?2, last_seen = ?3 WHERE id = ?1",
-                params![id, inventory, now_ms],
-            )
-            .map(|_| ())
+            let tx = c.transaction()?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE agents SET inventory = ?2, last_seen = ?3 WHERE id = ?1",
+                )?;
+                for u in &updates {
+                    update.execute(params![u.agent_id, u.inventory.to_string(), u.seen_ms])?;
+                }
+            }
+            tx.commit()
         })
         .await
     }
@@ -254,13 +255,13 @@ impl Store for SqliteStore {
     async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>, HubError> {
         let filter = filter.clone();
         self.run(move |c| {
-            let type_prefix = filter.msg_type.as_ref().map(|t| format!("{t}^%"));
+            let type_prefix = filter.msg_type.as_ref().map(|t| format!("{t}^"));
             let mut stmt = c.prepare_cached(
                 "SELECT cursor, agent_id, item_id, source, kind, msg_type, control_id, received_at, stored_at,
                         CASE WHEN ?6 THEN payload END
                  FROM messages
                  WHERE cursor > ?1 AND (?2 IS NULL OR agent_id = ?2) AND (?3 IS NULL OR source = ?3)
-                   AND (?4 IS NULL OR msg_type = ?4 OR msg_type LIKE ?5)
+                   AND (?4 IS NULL OR msg_type = ?4 OR substr(msg_type, 1, length(?4) + 1) = ?5)
                  ORDER BY cursor LIMIT ?7",
             )?;
             let rows = stmt.query_map(
