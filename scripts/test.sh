@@ -8,15 +8,27 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[test.sh] $*" >&2; }
 
-# Debian's own python3 is "externally managed", so peers go into a venv of ours.
+# Real peers the tests start on loopback: Python (python-hl7, hl7apy) in a venv of ours,
+# because Debian's own python3 is "externally managed"; PostgreSQL for the hub store;
+# Chromium for the dashboard.
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && command -v psql >/dev/null || need_apt+=(postgresql)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  # Packages must not start services (they would listen on all interfaces).
+  tmp_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    tmp_policy=1
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  [ -z "$tmp_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 VENV=target/peers-venv
