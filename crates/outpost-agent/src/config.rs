@@ -39,7 +39,7 @@ pub struct AgentConfig {
 /// `[hub]`: where the hub is and how to enroll on first start. After enrollment the
 /// hub's address and pinned CA are kept in the data directory; these keys then only
 /// matter for a first start.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
     /// The hub's base URL, e.g. `https://hub.example.com:8443`.
@@ -51,6 +51,16 @@ pub struct HubConfig {
     /// The hub's CA certificate (PEM) to pin; without it the public roots are trusted.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// The source name items from the hub carry; no connector may use it.

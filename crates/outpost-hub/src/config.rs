@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::HubError;
 
-/// A loaded hub config.
-#[derive(Debug, Clone)]
+/// A loaded hub config. `Debug` hides the database password.
+#[derive(Clone)]
 pub struct HubConfig {
     /// HTTPS listen address.
     pub listen: SocketAddr,
@@ -121,5 +121,19 @@ impl HubConfig {
             tls_cert: raw.tls_cert.map(anchor),
             tls_key: raw.tls_key.map(anchor),
         })
+    }
+}
+
+impl std::fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database", &crate::secrets::redact_url(&self.database))
+            .field("heartbeat", &self.heartbeat)
+            .field("webhook_url", &self.webhook_url)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .finish()
     }
 }
