@@ -65,7 +65,7 @@ fn inventory_source(config: Arc<AgentConfig>, queue: Queue, health: Health) -> I
         Box::pin(async move {
             let stats = queue.stats().await.unwrap_or_default();
             Inventory {
-                hostname: hostname(),
+                hostname: outpost_uplink::hostname(),
                 os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 uptime_secs: started.elapsed().as_secs(),
@@ -193,16 +193,4 @@ async fn take_down(
     };
     let id = queue.append(item).await?;
     Ok(("queued", Some(id.0), None))
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .or_else(|_| std::env::var("COMPUTERNAME"))
-        .ok()
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

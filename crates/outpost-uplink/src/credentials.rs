@@ -207,7 +207,8 @@ fn io(path: &Path, source: std::io::Error) -> UplinkError {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name, for inventories and the fleet list.
+pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .or_else(|_| std::env::var("COMPUTERNAME"))
         .ok()

@@ -15,7 +15,9 @@ mod session;
 
 use std::time::Duration;
 
-pub use credentials::{client_tls, enroll, Credentials, CREDENTIALS_FILE, HUB_CA_FILE, KEY_FILE};
+pub use credentials::{
+    client_tls, enroll, hostname, Credentials, CREDENTIALS_FILE, HUB_CA_FILE, KEY_FILE,
+};
 use futures::future::BoxFuture;
 use outpost_proto::{AgentToHub, Inventory, UpItem};
 pub use session::Uplink;
