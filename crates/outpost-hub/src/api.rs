@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::{QueryRejection, StringRejection};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -127,8 +128,9 @@ impl FromRequestParts<Arc<HubState>> for ApiCaller {
 async fn enroll(
     State(state): State<Arc<HubState>>,
     ConnectInfo(peer): ConnectInfo<crate::listener::PeerAddr>,
-    body: String,
+    body: Result<String, StringRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
     let request: EnrollRequest = serde_json::from_str(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -245,6 +247,11 @@ async fn get_agent(
     Ok(Json(agent_view(&state, agent)))
 }
 
+/// A body that could not be read (too large, not UTF-8) as a JSON error like every other.
+fn body_error(rejection: StringRejection) -> ApiError {
+    ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+}
+
 fn not_found(what: &str, id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -288,8 +295,15 @@ pub struct MessagesPage {
 async fn list_messages(
     _caller: ApiCaller,
     State(state): State<Arc<HubState>>,
-    Query(query): Query<MessagesQuery>,
+    query: Result<Query<MessagesQuery>, QueryRejection>,
 ) -> Result<Json<MessagesPage>, ApiError> {
+    let Query(query) = query.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            rejection.body_text(),
+        )
+    })?;
     // The store, not this process, knows the stream's end: several hubs may share it.
     let last = state.store.last_cursor().await?;
     if query.after < 0 || query.after > last {
@@ -357,8 +371,9 @@ async fn post_down(
     caller: ApiCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
-    body: String,
+    body: Result<String, StringRejection>,
 ) -> Result<(StatusCode, Json<DownMessage>), ApiError> {
+    let body = body.map_err(body_error)?;
     let request: DownRequest = serde_json::from_str(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -90,7 +90,17 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
     let writer = tokio::spawn(async move {
         loop {
             let next = tokio::select! {
-                _ = writer_cancel.cancelled() => break,
+                _ = writer_cancel.cancelled() => {
+                    // Whatever was queued before the cancel (a `Refused` saying why the
+                    // session ends, above all) still goes out.
+                    while let Ok(message) = outgoing.try_recv() {
+                        let text = outpost_proto::encode(&message);
+                        if sender.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
                 next = outgoing.recv() => next,
             };
             let Some(message) = next else { break };

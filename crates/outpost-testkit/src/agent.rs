@@ -30,6 +30,15 @@ impl Agent {
     /// unless the text sets `data_dir`), starts `<bin> agent --config <file>`, and waits
     /// until every `listen = "ip:port"` address in the config accepts TCP.
     pub fn start(bin: impl AsRef<Path>, config_toml: &str) -> Agent {
+        let mut agent = Agent::prepare(bin, config_toml);
+        agent.spawn();
+        agent
+    }
+
+    /// Like [`Agent::start`] but without starting the process: the config is written, so
+    /// that one-off commands (e.g. `outpost agent enroll`) can run first. Start it with
+    /// [`Agent::launch`].
+    pub fn prepare(bin: impl AsRef<Path>, config_toml: &str) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("outpost-agent-")
             .tempdir()
@@ -45,7 +54,7 @@ impl Agent {
         };
         std::fs::write(&config_path, &text)
             .unwrap_or_else(|err| panic!("write {}: {err}", config_path.display()));
-        let mut agent = Agent {
+        Agent {
             bin: bin.as_ref().to_owned(),
             log_path: dir.path().join("agent.log"),
             listen_ports: listen_ports(&text),
@@ -53,9 +62,17 @@ impl Agent {
             dir,
             child: None,
             pid: 0,
-        };
-        agent.spawn();
-        agent
+        }
+    }
+
+    /// Starts an agent made with [`Agent::prepare`] and waits for its listeners.
+    pub fn launch(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "launch: the agent (pid {}) was started already; use restart",
+            self.pid
+        );
+        self.spawn();
     }
 
     /// Starts the agent again with the same config and data, after it stopped or was

@@ -6,6 +6,9 @@
 //!   and its `mllp_send` command-line sender, the reference peers.
 //! - [`ScriptedDownstream`], [`SteadySender`] and [`send_with_retries`]: MLLP peers written
 //!   here, for answers the Python peer cannot give and for senders that count their ACKs.
+//! - [`Hub`] and [`HubApi`]: the hub as a child process, and a client for its data API
+//!   pinned to the hub's CA; [`Hl7apyServer`]: hl7apy's MLLP server; [`Browser`]: headless
+//!   Chromium over the DevTools protocol, for the dashboard.
 //! - [`wait_until`]: polls with a deadline and fails with the last thing it saw; tests never
 //!   sleep to wait for something.
 //!
@@ -13,6 +16,9 @@
 //! log tails, so a failure can be understood without a rerun.
 
 mod agent;
+mod browser;
+mod hl7apy;
+mod hub;
 mod mllp;
 mod python;
 pub mod samples;
@@ -23,6 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use agent::Agent;
+pub use browser::{chromium, Browser};
+pub use hl7apy::{require_hl7apy, Hl7apyServer};
+pub use hub::{agent_config_for_hub, enrolled_agent_id, hub_sink_config, ApiResponse, Hub, HubApi};
 pub use mllp::{
     ack_of, read_frame, send_with_retries, write_frame, DownstreamReply, ScriptedDownstream,
     SendReport, SteadySender,

@@ -172,7 +172,7 @@ impl Sender {
                     self.config.max_frame_bytes,
                 )
                 .await
-                .map_err(|err| format!("connect {}: {err}", self.config.connect))?;
+                .map_err(|err| err.to_string())?;
                 tracing::info!(connect = %self.config.connect, "connected downstream");
                 self.client.insert(client)
             }
