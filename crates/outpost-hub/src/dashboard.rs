@@ -216,7 +216,7 @@ async fn agent_page(
         r#"const id = {id};
 const render = d => {{ const a = d.agent, inv = a.inventory || {{}};
 document.getElementById('title').textContent = a.name + ' (' + a.id + ')';
-document.getElementById('summary').innerHTML = `<span class="${{a.online ? 'ok' : 'bad'}}">${{a.online ? 'online' : 'offline'}}</span> · version ${{esc(inv.version || '?')}} · host ${{esc(a.hostname)}} · last heartbeat ${{ago(a.last_seen_ms)}} · disk free ${{inv.disk_free_bytes ? (inv.disk_free_bytes/1073741824).toFixed(1) + ' GiB' : '?'}}`;
+document.getElementById('summary').innerHTML = `<span class="${{a.online ? 'ok' : 'bad'}}">${{a.online ? 'online' : 'offline'}}</span> · version ${{esc(inv.version || '?')}} · host ${{esc(a.hostname)}} · last heartbeat ${{ago(a.last_seen_ms)}} · clock skew ${{inv.clock_skew_ms ?? '?'}} ms · disk free ${{inv.disk_free_bytes ? (inv.disk_free_bytes/1073741824).toFixed(1) + ' GiB' : '?'}}`;
 document.getElementById('connectors').innerHTML = (inv.connectors || []).map(c => `<tr><td>${{esc(c.name)}}</td><td>${{esc(c.role)}}</td><td>${{esc(c.kind)}}</td><td>${{esc(c.state)}}</td><td>${{c.items}}</td><td>${{c.failures}}</td><td>${{esc(c.last_error || '')}}</td></tr>`).join('');
 document.getElementById('queues').innerHTML = (inv.queues || []).map(q => `<tr><td>${{esc(q.sink)}}</td><td>${{q.pending}}</td><td>${{q.retrying}}</td><td>${{q.dead}}</td></tr>`).join('');
 document.getElementById('messages').innerHTML = d.messages.map(m => `<tr><td>${{m.cursor}}</td><td>${{new Date(m.received_at_ms).toLocaleString()}}</td><td>${{esc(m.source)}}</td><td>${{esc(m.msg_type || '')}}</td><td>${{esc(m.control_id || '')}}</td><td><a href="/agents/${{enc(a.id)}}/messages/${{m.cursor}}">show content</a></td></tr>`).join(''); }};

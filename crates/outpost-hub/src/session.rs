@@ -241,8 +241,17 @@ async fn handle(
             let _ = outbox.send(HubToAgent::Stored { ids }).await;
         }
         AgentToHub::Heartbeat { inventory } => {
-            let value = serde_json::to_value(&*inventory).unwrap_or(serde_json::Value::Null);
-            state.heartbeats.record(&agent.id, value, now_ms());
+            let now = now_ms();
+            let mut value = serde_json::to_value(&*inventory).unwrap_or(serde_json::Value::Null);
+            // The agent's clock against the hub's, as seen on arrival (loopback or LAN
+            // latency is well under the seconds that matter for skew).
+            if let Some(fields) = value.as_object_mut() {
+                fields.insert(
+                    "clock_skew_ms".into(),
+                    (inventory.agent_time_ms - now).into(),
+                );
+            }
+            state.heartbeats.record(&agent.id, value, now);
         }
         AgentToHub::DownState {
             down_id,
