@@ -136,13 +136,28 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_drain(&agent).await;
     report(&hub, &agent, lab.count.load(Ordering::Relaxed)).await?;
     agent.stop().await;
     shutdown.cancel();
     hub.wait().await;
     printer.abort();
     Ok(())
+}
+
+/// Gives the sinks up to five seconds to deliver what was just acknowledged.
+async fn wait_for_drain(agent: &outpost_agent::RunningAgent) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let pending: u64 = match agent.queue.stats().await {
+            Ok(stats) => stats.sinks.iter().map(|s| s.pending).sum(),
+            Err(_) => return,
+        };
+        if pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn agent_config(
