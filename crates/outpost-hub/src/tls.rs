@@ -88,9 +88,12 @@ fn create_own(dir: &Path, listen_ip: IpAddr) -> Result<(), HubError> {
     let ca_key = KeyPair::generate().map_err(tls)?;
     let mut ca_params = CertificateParams::new(Vec::new()).map_err(tls)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // A name of its own per hub, so an agent pinned to another hub's CA is told the issuer
+    // is unknown rather than that a signature does not verify.
+    let ca_name = format!("Outpost hub CA {}", crate::secrets::new_id(""));
     ca_params
         .distinguished_name
-        .push(DnType::CommonName, "Outpost hub CA");
+        .push(DnType::CommonName, ca_name);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca_params.not_after = rcgen::date_time_ymd(2046, 1, 1);
     let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;

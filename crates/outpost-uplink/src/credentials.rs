@@ -123,7 +123,7 @@ pub async fn enroll(
         .json(&request)
         .send()
         .await
-        .map_err(|err| hub_error(describe_reqwest(&err)))?;
+        .map_err(|err| hub_error(explain_tls(describe_reqwest(&err))))?;
     if !response.status().is_success() {
         let status = response.status();
         let body: Option<ErrorBody> = response.json().await.ok();
@@ -187,6 +187,15 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, U
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Adds what an operator should check to a certificate failure.
+pub(crate) fn explain_tls(problem: String) -> String {
+    if problem.contains("invalid peer certificate") {
+        format!("{problem} (the hub's certificate is not issued by the CA this agent trusts: check the --ca / ca_file given at enrollment)")
+    } else {
+        problem
+    }
 }
 
 fn describe_reqwest(err: &reqwest::Error) -> String {

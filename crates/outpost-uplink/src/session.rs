@@ -146,7 +146,11 @@ impl Link {
         let (mut socket, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
             .await
             .map_err(|_| ConnectError::Other(format!("connect {url}: timed out")))?
-            .map_err(|err| ConnectError::Other(format!("connect {url}: {err}")))?;
+            .map_err(|err| {
+                ConnectError::Other(crate::credentials::explain_tls(format!(
+                    "connect {url}: {err}"
+                )))
+            })?;
         let nonce = match next_message(&mut socket).await? {
             HubToAgent::Challenge { nonce, .. } => nonce,
             HubToAgent::Refused { reason } => return Err(ConnectError::Refused(reason)),
