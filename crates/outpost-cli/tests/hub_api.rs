@@ -1,16 +1,27 @@
 //! The hub's data API at the edges: missing and wrong API keys, cursors that are not
 //! positions in the stream, and the published OpenAPI document.
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::time::Duration;
 
 use outpost_hl7::AckCode;
 use outpost_testkit::{
     ack_of, agent_config_for_hub, free_port, samples, send_each, wait_until_explained, Agent,
-    ApiResponse, Hub,
+    ApiResponse, Hub, HubBackend,
 };
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+outpost_testkit::on_both_hub_backends! {
+    api_calls_without_or_with_a_wrong_key_get_json_errors;
+    a_cursor_from_the_future_is_refused_clearly;
+    query_parameters_that_do_not_parse_get_json_errors;
+    the_openapi_document_lists_the_data_api;
+    a_request_body_over_the_limit_or_not_json_gets_a_json_error;
+}
 
 /// Asserts a JSON error with this status and code and a non-empty message.
 fn assert_json_error(response: &ApiResponse, status: u16, code: &str, what: &str) {
@@ -26,9 +37,8 @@ fn assert_json_error(response: &ApiResponse, status: u16, code: &str, what: &str
     );
 }
 
-#[test]
-fn api_calls_without_or_with_a_wrong_key_get_json_errors() {
-    let hub = Hub::start(BIN);
+fn api_calls_without_or_with_a_wrong_key_get_json_errors(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let good = hub.apikey("reporting-app");
     let anonymous = hub.api(None);
     let wrong = hub.api(Some("opk_notAKeyThisHubMadeAtAll00000000000000"));
@@ -91,8 +101,8 @@ fn api_calls_without_or_with_a_wrong_key_get_json_errors() {
 }
 
 /// A hub with an agent that has delivered two messages; returns them and the API key.
-fn hub_with_two_messages() -> (Hub, Agent, String) {
-    let hub = Hub::start(BIN);
+fn hub_with_two_messages(backend: HubBackend) -> (Hub, Agent, String) {
+    let hub = Hub::start_on(BIN, backend);
     let key = hub.apikey("cursor-test");
     let token = hub.token("Cursor Clinic", "24h");
     let agent = Agent::start(BIN, &agent_config_for_hub(&hub, &token, free_port(), ""));
@@ -121,16 +131,15 @@ fn hub_with_two_messages() -> (Hub, Agent, String) {
     (hub, agent, key)
 }
 
-#[test]
-fn a_cursor_from_the_future_is_refused_clearly() {
-    let (hub, _agent, key) = hub_with_two_messages();
+fn a_cursor_from_the_future_is_refused_clearly(backend: HubBackend) {
+    let (hub, _agent, key) = hub_with_two_messages(backend);
     let api = hub.api(Some(&key));
     let last = api
         .get("/api/v1/messages?after=0&limit=1000")
         .json
         .get("next_cursor")
         .and_then(|c| c.as_i64())
-        .expect("next_cursor");
+        .unwrap_or_else(|| panic!("no next_cursor in the first page"));
     for after in [last + 1, last + 1_000_000, -1] {
         let page = api.get(&format!("/api/v1/messages?after={after}&wait=30"));
         assert_json_error(
@@ -160,9 +169,8 @@ fn a_cursor_from_the_future_is_refused_clearly() {
     );
 }
 
-#[test]
-fn query_parameters_that_do_not_parse_get_json_errors() {
-    let hub = Hub::start(BIN);
+fn query_parameters_that_do_not_parse_get_json_errors(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(Some(&hub.apikey("query-test")));
     for query in ["after=abc", "after=0&limit=many", "after=0&wait=-1"] {
         let page = api.get(&format!("/api/v1/messages?{query}"));
@@ -179,9 +187,8 @@ fn query_parameters_that_do_not_parse_get_json_errors() {
     }
 }
 
-#[test]
-fn the_openapi_document_lists_the_data_api() {
-    let hub = Hub::start(BIN);
+fn the_openapi_document_lists_the_data_api(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let doc = hub.api(None).get("/api/v1/openapi.json");
     assert!(
         doc.status == 200 && doc.content_type.starts_with("application/json"),
@@ -236,9 +243,8 @@ fn the_openapi_document_lists_the_data_api() {
     );
 }
 
-#[test]
-fn a_request_body_over_the_limit_or_not_json_gets_a_json_error() {
-    let hub = Hub::start(BIN);
+fn a_request_body_over_the_limit_or_not_json_gets_a_json_error(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(Some(&hub.apikey("body-test")));
     let path = "/api/v1/agents/agt_unknown/messages";
     let not_json = api.post_raw(path, "application/json", b"{\"sink\": ".to_vec());

@@ -1,6 +1,9 @@
 //! The fleet dashboard in headless Chromium: the agent shows online with its queue depth,
 //! then offline once it has been silent for three heartbeat periods, without a reload.
 //! Screenshots are kept in `target/test-artifacts/`.
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,11 +12,15 @@ use std::time::Duration;
 use outpost_hl7::AckCode;
 use outpost_testkit::{
     ack_of, agent_config_for_hub, describe_output, free_port, run, samples, send_each,
-    wait_until_explained, workspace_root, Agent, Browser, Hub,
+    wait_until_explained, workspace_root, Agent, Browser, Hub, HubBackend,
 };
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+outpost_testkit::on_both_hub_backends! {
+    the_dashboard_shows_the_agent_online_then_offline;
+}
 
 fn artifacts_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -57,9 +64,8 @@ fn cell<'a>(row: &'a serde_json::Map<String, Value>, header: &str) -> &'a str {
     row.get(header).and_then(|v| v.as_str()).unwrap_or("")
 }
 
-#[test]
-fn the_dashboard_shows_the_agent_online_then_offline() {
-    let hub = Hub::start(BIN);
+fn the_dashboard_shows_the_agent_online_then_offline(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let key = hub.apikey("dashboard-viewer");
     let token = hub.token("Smith Pediatrics", "24h");
     // A second sink to a lab that is down, so the agent has a queue depth to show.

@@ -1,5 +1,8 @@
 //! Messages from a sender through the agent's hub sink to the hub's data API: once, in
 //! order, byte for byte; and across a hub outage with an agent restart in the middle.
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,11 +13,17 @@ use base64::Engine;
 use outpost_hl7::{AckCode, Message};
 use outpost_testkit::{
     ack_of, agent_config_for_hub, enrolled_agent_id, free_port, normalize_segment_ends, samples,
-    send_with_retries, skip_peer_tests, wait_until_explained, Agent, Hub, HubApi, SendReport,
+    send_with_retries, skip_peer_tests, wait_until_explained, Agent, Hub, HubApi, HubBackend,
+    SendReport,
 };
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+outpost_testkit::on_both_hub_backends! {
+    mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical;
+    hub_down_for_a_while_with_an_agent_restart_in_between_delivers_everything_exactly_once;
+}
 
 /// Fifty varied messages (ORU, ADT, ORM; one with LF and one with CRLF segment ends), as
 /// (control id, bytes).
@@ -55,8 +64,8 @@ fn decode_payload(message: &Value) -> Vec<u8> {
 
 /// Starts a hub and an agent enrolled with it (through `[hub]` on first start); returns
 /// them with the agent's id and an API client.
-fn hub_and_agent() -> (Hub, Agent, String, HubApi) {
-    let hub = Hub::start(BIN);
+fn hub_and_agent(backend: HubBackend) -> (Hub, Agent, String, HubApi) {
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(Some(&hub.apikey("delivery-test")));
     let token = hub.token("Smith Pediatrics", "24h");
     let agent = Agent::start(BIN, &agent_config_for_hub(&hub, &token, free_port(), ""));
@@ -65,14 +74,15 @@ fn hub_and_agent() -> (Hub, Agent, String, HubApi) {
     (hub, agent, agent_id, api)
 }
 
-#[test]
-fn mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical() {
+fn mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical(
+    backend: HubBackend,
+) {
     if skip_peer_tests(
         "mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical",
     ) {
         return;
     }
-    let (hub, agent, agent_id, api) = hub_and_agent();
+    let (hub, agent, agent_id, api) = hub_and_agent(backend);
     let messages = varied_messages();
     let file = agent.dir().join("messages.hl7");
     let mut text = Vec::new();
@@ -80,7 +90,7 @@ fn mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical(
         text.extend_from_slice(message);
         text.push(b'\n');
     }
-    std::fs::write(&file, &text).expect("write the message file");
+    std::fs::write(&file, &text).unwrap_or_else(|err| panic!("write {}: {err}", file.display()));
     let output = outpost_testkit::mllp_send(agent.port(), &file);
     let acks: Vec<(AckCode, String)> = output
         .stdout
@@ -151,7 +161,9 @@ fn mllp_send_through_the_agent_reaches_the_hub_api_once_in_order_byte_identical(
         },
         || format!("agent log tail:\n{}", agent.log_tail(20)),
     );
-    let all = api.all_messages().expect("read the whole stream");
+    let all = api
+        .all_messages()
+        .unwrap_or_else(|err| panic!("read the whole stream: {err}"));
     let got: Vec<&str> = all
         .iter()
         .map(|m| m["control_id"].as_str().unwrap_or("?"))
@@ -292,9 +304,10 @@ impl ChunkedSender {
     }
 }
 
-#[test]
-fn hub_down_for_a_while_with_an_agent_restart_in_between_delivers_everything_exactly_once() {
-    let (mut hub, mut agent, agent_id, api) = hub_and_agent();
+fn hub_down_for_a_while_with_an_agent_restart_in_between_delivers_everything_exactly_once(
+    backend: HubBackend,
+) {
+    let (mut hub, mut agent, agent_id, api) = hub_and_agent(backend);
     let sender = ChunkedSender::start(agent.port());
     let context = |agent: &Agent, hub: &Hub| {
         format!(
@@ -363,7 +376,9 @@ fn hub_down_for_a_while_with_an_agent_restart_in_between_delivers_everything_exa
         },
         || context(&agent, &hub),
     );
-    let final_all = api.all_messages().expect("read the stream");
+    let final_all = api
+        .all_messages()
+        .unwrap_or_else(|err| panic!("read the stream: {err}"));
     assert_eq!(
         final_all.len(),
         all.len(),

@@ -1,24 +1,30 @@
 //! The way down: a message posted to the hub's data API goes through the agent's session
 //! into its queue and out of an MLLP sink to a real MLLP server (hl7apy's), and the API
 //! follows it to "delivered".
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::time::Duration;
 
 use outpost_testkit::{
     agent_config_for_hub, enrolled_agent_id, free_port, samples, skip_peer_tests,
-    wait_until_explained, Agent, Hl7apyServer, Hub,
+    wait_until_explained, Agent, Hl7apyServer, Hub, HubBackend,
 };
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
-#[test]
-fn a_message_posted_to_the_api_reaches_a_real_mllp_server_behind_the_agent() {
+outpost_testkit::on_both_hub_backends! {
+    a_message_posted_to_the_api_reaches_a_real_mllp_server_behind_the_agent;
+}
+
+fn a_message_posted_to_the_api_reaches_a_real_mllp_server_behind_the_agent(backend: HubBackend) {
     if skip_peer_tests("a_message_posted_to_the_api_reaches_a_real_mllp_server_behind_the_agent") {
         return;
     }
     let lab = Hl7apyServer::start(free_port());
-    let hub = Hub::start(BIN);
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(Some(&hub.apikey("orders-app")));
     let token = hub.token("Smith Pediatrics", "24h");
     let lab_sink = format!(
@@ -33,7 +39,8 @@ fn a_message_posted_to_the_api_reaches_a_real_mllp_server_behind_the_agent() {
     let agent_id = enrolled_agent_id(&agent.data_dir());
 
     let sent = samples::oru_r01("DOWN0001", "MRN000777", "RIVERA", "LUZ", 3);
-    let text = String::from_utf8(sent.clone()).expect("samples are ASCII");
+    let text =
+        String::from_utf8(sent.clone()).unwrap_or_else(|err| panic!("samples are ASCII: {err}"));
     let posted = api.post_json(
         &format!("/api/v1/agents/{agent_id}/messages"),
         &json!({"sink": "lab-out", "message": text}),

@@ -1,14 +1,22 @@
 //! Enrollment against a real hub process: a token works once; a reused, unknown or expired
 //! token, a wrong CA pin and a revoked agent are each refused with the reason in both logs.
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use outpost_testkit::{
     describe_output, enrolled_agent_id, free_port, hub_sink_config, wait_until, Agent, Hub,
+    HubBackend,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+outpost_testkit::on_both_hub_backends! {
+    enrollment_works_once_and_refuses_reuse_expiry_unknown_and_wrong_ca;
+}
 
 /// `outpost agent --config <agent's config> enroll --hub URL --token T --ca CA`.
 fn enroll(agent: &Agent, hub_url: &str, token: &str, ca: &std::path::Path) -> Output {
@@ -47,9 +55,8 @@ fn refused_enrollment(
     err
 }
 
-#[test]
-fn enrollment_works_once_and_refuses_reuse_expiry_unknown_and_wrong_ca() {
-    let hub = Hub::start(BIN);
+fn enrollment_works_once_and_refuses_reuse_expiry_unknown_and_wrong_ca(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let token = hub.token("Smith Pediatrics", "24h");
 
     // First use: enrolled, with the key kept private on the box.
@@ -122,7 +129,7 @@ fn enrollment_works_once_and_refuses_reuse_expiry_unknown_and_wrong_ca() {
     );
 
     // The CA of another hub pinned: the TLS handshake fails, the token is not spent.
-    let other = Hub::start(BIN);
+    let other = Hub::start_on(BIN, backend);
     let pinned = hub.token("Pinned Clinic", "24h");
     // (Both hubs' CAs carry the same name, so rustls reports a bad signature rather than
     // an unknown issuer; either way the certificate is refused.)

@@ -1,6 +1,9 @@
 //! Bad agent sessions against a real hub: one that never authenticates, and malformed,
 //! binary or oversized WebSocket messages. Each ends only its own session, with a log line
 //! at the hub; a real agent next to it keeps delivering undisturbed.
+//!
+//! Each test runs twice, as `sqlite::…` and `postgres::…` (a fresh database on a real
+//! PostgreSQL 15; skipped with `OUTPOST_PEERS=skip`), from one body taking a `HubBackend`.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -13,7 +16,7 @@ use outpost_hl7::AckCode;
 use outpost_proto::{AgentToHub, HubToAgent, Payload, UpItem, PROTOCOL_VERSION};
 use outpost_testkit::{
     ack_of, agent_config_for_hub, enrolled_agent_id, free_port, samples, send_each,
-    wait_until_explained, Agent, Hub, HubApi,
+    wait_until_explained, Agent, Hub, HubApi, HubBackend,
 };
 use serde_json::json;
 use tokio::net::TcpStream as AsyncTcpStream;
@@ -22,6 +25,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+outpost_testkit::on_both_hub_backends! {
+    a_websocket_session_that_never_authenticates_is_dropped_and_others_continue;
+    a_malformed_or_oversized_websocket_message_ends_only_that_session;
+    a_revoked_agents_open_session_is_told_why_before_it_is_closed;
+}
 
 type Socket = WebSocketStream<MaybeTlsStream<AsyncTcpStream>>;
 
@@ -158,8 +167,8 @@ impl HandAgent {
 
 /// A hub with a real agent enrolled and connected; returns them, the agent's id and an API
 /// client.
-fn hub_and_agent() -> (Hub, Agent, String, HubApi) {
-    let hub = Hub::start(BIN);
+fn hub_and_agent(backend: HubBackend) -> (Hub, Agent, String, HubApi) {
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(Some(&hub.apikey("sessions-test")));
     let token = hub.token("Smith Pediatrics", "24h");
     let agent = Agent::start(BIN, &agent_config_for_hub(&hub, &token, free_port(), ""));
@@ -217,14 +226,16 @@ fn assert_agent_undisturbed(agent: &Agent, hub: &Hub) {
     );
 }
 
-#[test]
-fn a_websocket_session_that_never_authenticates_is_dropped_and_others_continue() {
-    let (hub, agent, _agent_id, api) = hub_and_agent();
+fn a_websocket_session_that_never_authenticates_is_dropped_and_others_continue(
+    backend: HubBackend,
+) {
+    let (hub, agent, _agent_id, api) = hub_and_agent(backend);
     let rt = runtime();
     // Three WebSocket sessions that read the challenge and then say nothing, and a TCP
     // connection that never even starts TLS.
     let mut silent: Vec<Socket> = (0..3).map(|_| rt.block_on(open_session(&hub)).0).collect();
-    let _mute = TcpStream::connect(("127.0.0.1", hub.port())).expect("connect to the hub");
+    let _mute = TcpStream::connect(("127.0.0.1", hub.port()))
+        .unwrap_or_else(|err| panic!("connect to the hub: {err}"));
 
     // Meanwhile the real agent delivers.
     deliver_through_the_agent(&hub, &agent, &api, "WHILESILENT", 5);
@@ -262,9 +273,8 @@ fn a_websocket_session_that_never_authenticates_is_dropped_and_others_continue()
     assert_agent_undisturbed(&agent, &hub);
 }
 
-#[test]
-fn a_malformed_or_oversized_websocket_message_ends_only_that_session() {
-    let (hub, agent, _agent_id, api) = hub_and_agent();
+fn a_malformed_or_oversized_websocket_message_ends_only_that_session(backend: HubBackend) {
+    let (hub, agent, _agent_id, api) = hub_and_agent(backend);
     let hand = HandAgent::enroll(&hub, &api);
     let rt = runtime();
 
@@ -289,7 +299,10 @@ fn a_malformed_or_oversized_websocket_message_ends_only_that_session() {
     for (what, message, log_line) in bad {
         let said = rt.block_on(async {
             let mut socket = hand.session(&hub).await;
-            socket.send(message).await.expect("send");
+            socket
+                .send(message)
+                .await
+                .unwrap_or_else(|err| panic!("send {what}: {err}"));
             until_closed(&mut socket).await
         });
         assert!(
@@ -339,7 +352,7 @@ fn a_malformed_or_oversized_websocket_message_ends_only_that_session() {
         socket
             .send(Message::Text(outpost_proto::encode(&items).into()))
             .await
-            .expect("send items");
+            .unwrap_or_else(|err| panic!("send items: {err}"));
         next_message(&mut socket).await
     });
     assert_eq!(
@@ -351,9 +364,8 @@ fn a_malformed_or_oversized_websocket_message_ends_only_that_session() {
     assert_agent_undisturbed(&agent, &hub);
 }
 
-#[test]
-fn a_revoked_agents_open_session_is_told_why_before_it_is_closed() {
-    let hub = Hub::start(BIN);
+fn a_revoked_agents_open_session_is_told_why_before_it_is_closed(backend: HubBackend) {
+    let hub = Hub::start_on(BIN, backend);
     let api = hub.api(None);
     // Several agents, so that a race between telling and closing cannot hide.
     let hands: Vec<HandAgent> = (0..5).map(|_| HandAgent::enroll(&hub, &api)).collect();

@@ -8,17 +8,43 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::postgres::PgDatabase;
 use crate::{describe_output, free_port, port_accepts, run, strip_ansi, tail};
 
 /// How long a hub gets to make its CA, open its store and listen.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Where a [`Hub`] keeps its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubBackend {
+    /// The default: SQLite in the hub's `data` folder.
+    Sqlite,
+    /// A fresh database of its own on the shared test PostgreSQL 15 (see [`PgDatabase`]),
+    /// kept across restarts and dropped with the hub.
+    Postgres,
+}
+
+impl HubBackend {
+    /// `"sqlite"` or `"postgres"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HubBackend::Sqlite => "sqlite",
+            HubBackend::Postgres => "postgres",
+        }
+    }
+}
+
 /// A running `outpost hub` with its own temporary folder holding `hub.toml`, the `data`
 /// folder (store, `tls/ca.pem`) and `hub.log` (stdout and stderr, kept across restarts).
-/// It listens on a free loopback port with `heartbeat_secs = 1`. Dropping it kills it (and
-/// prints the log tail if the test is failing).
+/// It listens on a free loopback port with `heartbeat_secs = 1`. With
+/// [`HubBackend::Postgres`] its store is a database of its own (`database = "postgres://…"`).
+/// Dropping it kills it (and prints the log tail if the test is failing), then drops its
+/// database.
 pub struct Hub {
     bin: PathBuf,
+    backend: HubBackend,
+    /// Dropped after the hub process is killed (`Drop` runs before the fields drop).
+    database: Option<PgDatabase>,
     dir: TempDir,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -29,13 +55,31 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts a hub with a heartbeat of one second.
+    /// Starts a hub on SQLite with a heartbeat of one second.
     pub fn start(bin: impl AsRef<Path>) -> Hub {
-        Hub::start_with(bin, "")
+        Hub::start_on_with(bin, HubBackend::Sqlite, "")
     }
 
-    /// Starts a hub with `extra_toml` added to its config (e.g. `webhook_url = …`).
+    /// Starts a hub on SQLite with `extra_toml` added to its config (e.g. `webhook_url = …`).
     pub fn start_with(bin: impl AsRef<Path>, extra_toml: &str) -> Hub {
+        Hub::start_on_with(bin, HubBackend::Sqlite, extra_toml)
+    }
+
+    /// Starts a hub with a heartbeat of one second, storing its data in `backend`.
+    pub fn start_on(bin: impl AsRef<Path>, backend: HubBackend) -> Hub {
+        Hub::start_on_with(bin, backend, "")
+    }
+
+    /// Starts a hub storing its data in `backend`, with `extra_toml` added to its config.
+    pub fn start_on_with(bin: impl AsRef<Path>, backend: HubBackend, extra_toml: &str) -> Hub {
+        let database = match backend {
+            HubBackend::Sqlite => None,
+            HubBackend::Postgres => Some(PgDatabase::create()),
+        };
+        let database_line = database
+            .as_ref()
+            .map(|db| format!("database = \"{}\"\n", db.url()))
+            .unwrap_or_default();
         let dir = tempfile::Builder::new()
             .prefix("outpost-hub-")
             .tempdir()
@@ -43,12 +87,14 @@ impl Hub {
         let port = free_port();
         let config_path = dir.path().join("hub.toml");
         let text = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nheartbeat_secs = 1\n{extra_toml}\n"
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nheartbeat_secs = 1\n{database_line}{extra_toml}\n"
         );
         std::fs::write(&config_path, &text)
             .unwrap_or_else(|err| panic!("write {}: {err}", config_path.display()));
         let mut hub = Hub {
             bin: bin.as_ref().to_owned(),
+            backend,
+            database,
             log_path: dir.path().join("hub.log"),
             config_path,
             dir,
@@ -58,6 +104,19 @@ impl Hub {
             pid: 0,
         };
         hub.spawn();
+        if let Some(db) = &hub.database {
+            // The hub opens its store before it listens: its tables must be there by now,
+            // or the test would silently be running on something else.
+            let tables = db.psql(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            );
+            assert!(
+                tables.parse::<u32>().is_ok_and(|n| n > 0),
+                "the hub listens but database {} has {tables:?} tables: is it using PostgreSQL?\nhub log tail:\n{}",
+                db.name(),
+                hub.log_tail(30)
+            );
+        }
         hub
     }
 
@@ -164,6 +223,16 @@ impl Hub {
                 Err(err) => panic!("wait for the hub (pid {pid}): {err}"),
             }
         }
+    }
+
+    /// Where it stores its data.
+    pub fn backend(&self) -> HubBackend {
+        self.backend
+    }
+
+    /// Its PostgreSQL database ([`HubBackend::Postgres`] only).
+    pub fn database(&self) -> Option<&PgDatabase> {
+        self.database.as_ref()
     }
 
     /// The current (or last) hub process id.
@@ -301,11 +370,19 @@ impl Drop for Hub {
         }
         if std::thread::panicking() {
             eprintln!(
-                "--- hub {} log tail ({}) ---\n{}\n---",
+                "--- hub {} ({}) log tail ({}) ---\n{}\n---",
                 self.pid,
+                self.backend.name(),
                 self.log_path.display(),
                 self.log_tail(40)
             );
+            if let Some(db) = &self.database {
+                eprintln!(
+                    "--- PostgreSQL log tail ({}) ---\n{}\n---",
+                    db.name(),
+                    db.log_tail(20)
+                );
+            }
         }
     }
 }

@@ -6,9 +6,12 @@
 //!   and its `mllp_send` command-line sender, the reference peers.
 //! - [`ScriptedDownstream`], [`SteadySender`] and [`send_with_retries`]: MLLP peers written
 //!   here, for answers the Python peer cannot give and for senders that count their ACKs.
-//! - [`Hub`] and [`HubApi`]: the hub as a child process, and a client for its data API
-//!   pinned to the hub's CA; [`Hl7apyServer`]: hl7apy's MLLP server; [`Browser`]: headless
-//!   Chromium over the DevTools protocol, for the dashboard.
+//! - [`Hub`] and [`HubApi`]: the hub as a child process (on SQLite or PostgreSQL, see
+//!   [`HubBackend`] and [`on_both_hub_backends!`]), and a client for its data API pinned to
+//!   the hub's CA; [`Hl7apyServer`]: hl7apy's MLLP server; [`Browser`]: headless Chromium
+//!   over the DevTools protocol, for the dashboard.
+//! - [`PgDatabase`]: a fresh database on a real PostgreSQL 15 on loopback, shared by the
+//!   tests (and test processes) running at the same time.
 //! - [`wait_until`]: polls with a deadline and fails with the last thing it saw; tests never
 //!   sleep to wait for something.
 //!
@@ -20,6 +23,7 @@ mod browser;
 mod hl7apy;
 mod hub;
 mod mllp;
+mod postgres;
 mod python;
 pub mod samples;
 
@@ -31,12 +35,56 @@ use std::time::{Duration, Instant};
 pub use agent::Agent;
 pub use browser::{chromium, Browser};
 pub use hl7apy::{require_hl7apy, Hl7apyServer};
-pub use hub::{agent_config_for_hub, enrolled_agent_id, hub_sink_config, ApiResponse, Hub, HubApi};
+pub use hub::{
+    agent_config_for_hub, enrolled_agent_id, hub_sink_config, ApiResponse, Hub, HubApi, HubBackend,
+};
 pub use mllp::{
     ack_of, read_frame, send_with_retries, write_frame, DownstreamReply, ScriptedDownstream,
     SendReport, SteadySender,
 };
+pub use postgres::{skip_postgres_tests, PgDatabase};
 pub use python::{mllp_send, python, require_python_hl7, skip_peer_tests, PyHl7Server};
+
+/// Runs hub end-to-end scenarios once per [`HubBackend`]: for each `name;` it makes
+/// `sqlite::name` and `postgres::name` `#[test]`s calling `name(HubBackend::…)`, a function
+/// the test file defines (start its hubs with [`Hub::start_on`]). The PostgreSQL variant is
+/// skipped, with a `SKIPPED` line, when `OUTPOST_PEERS=skip`.
+///
+/// ```ignore
+/// outpost_testkit::on_both_hub_backends! {
+///     enrollment_works_once;
+///     the_dashboard_shows_the_agent;
+/// }
+///
+/// fn enrollment_works_once(backend: HubBackend) {
+///     let hub = Hub::start_on(BIN, backend);
+///     // …
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_both_hub_backends {
+    ($($name:ident;)*) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::HubBackend::Sqlite);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::skip_postgres_tests(concat!("postgres::", stringify!($name))) {
+                        return;
+                    }
+                    super::$name($crate::HubBackend::Postgres);
+                }
+            )*
+        }
+    };
+}
 
 /// The workspace root: the nearest ancestor of this crate holding `peers/` and a
 /// `Cargo.toml` with a `[workspace]` table.
