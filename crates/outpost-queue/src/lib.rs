@@ -232,7 +232,11 @@ impl Queue {
                 )),
             });
         }
-        schema::create(&writer_conn).map_err(sqlite)?;
+        // Only a new (or older) file is written here: an inspection tool opening the queue
+        // beside a running agent must not take the write lock just to look.
+        if version < schema::SCHEMA_VERSION {
+            schema::create(&writer_conn).map_err(sqlite)?;
+        }
         let reader = Connection::open_with_flags(
             &db_path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

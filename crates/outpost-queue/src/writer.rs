@@ -282,7 +282,11 @@ impl Writer {
         } else {
             Ok(())
         };
-        let tx = conn.transaction()?;
+        // IMMEDIATE takes the write lock up front (waiting in the busy handler if another
+        // process, such as `outpost queue retry`, holds it). A deferred transaction that
+        // reads first cannot wait: upgrading to a writer after another commit fails at once
+        // with "database is locked".
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for cmd in batch {
             outcomes.push(self.apply_one(&tx, &cmd.op, &has_room)?);
