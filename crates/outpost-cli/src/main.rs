@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bench;
 mod demo;
 mod downstream;
@@ -73,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         action: inspect::Hl7Action,
     },
+    /// Check an agent's tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        action: audit::AuditAction,
+    },
     /// End-to-end benchmarks that print figures beside a reference peer.
     Bench {
         #[command(subcommand)]
@@ -124,6 +130,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             inspect::queue(&load_config(&required(config)?)?, action).await
         }
         Command::Hl7 { action } => inspect::hl7(action).await,
+        Command::Audit { action } => audit::run(action),
         Command::Bench { target } => bench::run(target).await,
     }
 }
