@@ -61,6 +61,26 @@ fn protocol_crates_know_nothing_of_queue_agent_uplink_or_hub() {
 }
 
 #[test]
+fn audit_and_policy_stand_alone() {
+    let every_outpost_crate = [
+        "outpost-core",
+        "outpost-hl7",
+        "outpost-mllp",
+        "outpost-queue",
+        "outpost-agent",
+        "outpost-uplink",
+        "outpost-hub",
+        "outpost-proto",
+        "outpost-audit",
+        "outpost-policy",
+    ];
+    // The hub verifies mirrored audit logs with the same crate the agent writes them with.
+    assert_none_of("outpost-audit", &every_outpost_crate);
+    // The policy knows nothing that could carry it to or from the hub.
+    assert_none_of("outpost-policy", &every_outpost_crate);
+}
+
+#[test]
 fn agent_and_hub_never_import_each_other() {
     assert_none_of("outpost-agent", &["outpost-hub"]);
     assert_none_of(
