@@ -118,7 +118,7 @@ impl Queue {
     /// The next delivery for `sink`: its oldest pending item. Strict order: when the oldest
     /// is backing off, nothing behind it is handed out.
     pub async fn next_delivery(&self, sink: &ConnectorName) -> Result<NextDelivery, QueueError> {
-        let (mut leases, backoff) = self.ready_after(sink, ItemId(0), 1).await?;
+        let (mut leases, backoff) = self.ready_after(sink, ItemId(0), 1, usize::MAX).await?;
         Ok(match (leases.pop(), backoff) {
             (Some(lease), _) => NextDelivery::Ready(lease),
             (None, Some(wait)) => NextDelivery::Backoff(wait),
@@ -126,14 +126,16 @@ impl Queue {
         })
     }
 
-    /// Up to `limit` pending items of `sink` after item `after`, in order, stopping at the
-    /// first one that is backing off (whose remaining wait is returned). Lets a sink keep
+    /// Up to `limit` pending items of `sink` after item `after`, in order, holding at most
+    /// `max_bytes` of payload (but always at least one item), stopping at the first one
+    /// that is backing off (whose remaining wait is returned). Lets a sink keep
     /// several batches in flight without waiting for each to be marked.
     pub async fn ready_after(
         &self,
         sink: &ConnectorName,
         after: ItemId,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<Lease>, Option<Duration>), QueueError> {
         let sink = sink.clone();
         let sqlite = self.sqlite_error();
@@ -141,7 +143,7 @@ impl Queue {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload,
-                            i.source, i.received_at, i.external_ref
+                            i.source, i.received_at, i.external_ref, i.payload_bytes
                      FROM deliveries d JOIN items i ON i.id = d.item_id
                      WHERE d.sink = ?1 AND d.state = ?2 AND d.item_id > ?3 ORDER BY d.item_id LIMIT ?4",
                 )
@@ -149,8 +151,16 @@ impl Queue {
             let mut rows = stmt.query(params![sink.as_str(), PENDING, after.0, limit as i64]).map_err(&sqlite)?;
             let now = now_ms();
             let mut leases = Vec::new();
+            let mut bytes = 0usize;
             while let Some(r) = rows.next().map_err(&sqlite)? {
                 let id = ItemId(r.get(0).map_err(&sqlite)?);
+                // Checked before unsealing, so a run of large items never sits in memory
+                // at once; the first item is always taken.
+                let size: i64 = r.get(11).map_err(&sqlite)?;
+                bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+                if !leases.is_empty() && bytes > max_bytes {
+                    break;
+                }
                 let next_attempt_at: i64 = r.get(2).map_err(&sqlite)?;
                 if next_attempt_at > now {
                     return Ok((leases, Some(Duration::from_millis((next_attempt_at - now) as u64))));

@@ -350,3 +350,33 @@ async fn search_finds_by_type_control_id_patient_and_text() {
     .await
     .is_empty());
 }
+
+#[tokio::test]
+async fn reading_ahead_stops_at_the_byte_budget_but_always_takes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    for n in 0..10 {
+        let mut big = item(n, &["a"]);
+        big.payload.resize(100_000, b'x');
+        queue.append(big).await.unwrap();
+    }
+    let (leases, backoff) = queue
+        .ready_after(&sink("a"), ItemId(0), 64, 350_000)
+        .await
+        .unwrap();
+    assert_eq!((leases.len(), backoff), (3, None));
+    let (leases, _) = queue
+        .ready_after(&sink("a"), ItemId(0), 64, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        leases.len(),
+        1,
+        "the first item is taken even when it alone is over the budget"
+    );
+    let (leases, _) = queue
+        .ready_after(&sink("a"), leases[0].id, 64, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 9);
+}

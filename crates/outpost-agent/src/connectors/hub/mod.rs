@@ -63,18 +63,15 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
         let lost = loop {
             let generation = cx.queue.append_generation();
             while in_flight.len() < WINDOW {
-                let (leases, _) = cx
+                let (batch, _) = cx
                     .queue
-                    .ready_after(&cx.name, after, config.batch_items.max(1))
+                    .ready_after(
+                        &cx.name,
+                        after,
+                        config.batch_items.max(1),
+                        config.batch_bytes,
+                    )
                     .await?;
-                let mut bytes = 0usize;
-                let batch: Vec<_> = leases
-                    .into_iter()
-                    .take_while(|lease| {
-                        bytes += lease.payload.len();
-                        bytes <= config.batch_bytes || bytes == lease.payload.len()
-                    })
-                    .collect();
                 let Some(last) = batch.last() else { break };
                 after = last.id;
                 let ids: Vec<ItemId> = batch.iter().map(|lease| lease.id).collect();

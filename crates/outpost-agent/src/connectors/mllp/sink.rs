@@ -6,12 +6,14 @@
 //! downstream that is down for a day never turns its backlog into dead letters. A negative
 //! ACK is the message's problem: it counts, and may make a dead letter.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
+use outpost_core::ItemId;
 use outpost_hl7::Ack;
 use outpost_mllp::MllpClient;
-use outpost_queue::{FailureOutcome, Lease, NextDelivery, RetryPolicy};
+use outpost_queue::{FailureOutcome, Lease, RetryPolicy};
 use tracing::Instrument;
 
 use super::{NegativeAckPolicy, SinkConfig};
@@ -32,35 +34,69 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
         client: None,
         connection_failures: 0,
     };
+    // Leases read ahead in queue order, so the queue is read once per batch rather than
+    // once per message. Every delivery is still recorded before the next message is sent.
+    let mut ahead: VecDeque<Lease> = VecDeque::new();
     loop {
         if cx.shutdown.is_cancelled() {
             break;
         }
         let generation = cx.queue.append_generation();
-        let wait = match cx.queue.next_delivery(&cx.name).await? {
-            NextDelivery::Ready(lease) => {
-                let span = tracing::debug_span!("item", item_id = %lease.id, msg_type = lease.msg_type.as_deref().unwrap_or(""), bytes = lease.payload.len());
-                sender.deliver(lease, &cx).instrument(span).await?
-            }
-            NextDelivery::Backoff(delay) => Some(delay.min(IDLE_POLL)),
-            NextDelivery::Idle => {
-                cx.health.set_state(&cx.name, ConnectorState::Running);
+        if ahead.is_empty() {
+            let (leases, backoff) = cx
+                .queue
+                .ready_after(&cx.name, ItemId(0), READ_AHEAD, READ_AHEAD_BYTES)
+                .await?;
+            ahead.extend(leases);
+            if ahead.is_empty() {
+                let wait = match backoff {
+                    Some(delay) => delay.min(IDLE_POLL),
+                    None => {
+                        cx.health.set_state(&cx.name, ConnectorState::Running);
+                        IDLE_POLL
+                    }
+                };
                 tokio::select! {
                     _ = cx.shutdown.cancelled() => break,
-                    _ = cx.queue.wait_for_append(generation, IDLE_POLL) => {}
+                    _ = cx.queue.wait_for_append(generation, wait), if backoff.is_none() => {}
+                    _ = tokio::time::sleep(wait), if backoff.is_some() => {}
                 }
-                None
+                continue;
             }
+        }
+        let Some(lease) = ahead.pop_front() else {
+            continue;
         };
-        if let Some(delay) = wait {
-            tokio::select! {
-                _ = cx.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+        let span = tracing::debug_span!("item", item_id = %lease.id, msg_type = lease.msg_type.as_deref().unwrap_or(""), bytes = lease.payload.len());
+        match sender.deliver(lease, &cx).instrument(span).await? {
+            Step::Delivered => {}
+            Step::Again(wait) => {
+                // The item failed: nothing read ahead may overtake it; read afresh.
+                ahead.clear();
+                if let Some(delay) = wait {
+                    tokio::select! {
+                        _ = cx.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
         }
     }
     cx.health.set_state(&cx.name, ConnectorState::Stopped);
     Ok(())
+}
+
+/// Leases read ahead per queue read, and the most payload bytes they may hold.
+const READ_AHEAD: usize = 64;
+const READ_AHEAD_BYTES: usize = 1024 * 1024;
+
+/// What a delivery attempt leaves the sink to do next.
+enum Step {
+    /// Delivered and recorded: go on with the next one.
+    Delivered,
+    /// Not delivered (recorded as a failure, or a connection problem): read the queue
+    /// again, after this wait if any.
+    Again(Option<Duration>),
 }
 
 struct Sender {
@@ -74,12 +110,8 @@ struct Sender {
 }
 
 impl Sender {
-    /// Tries one delivery. Returns how long to wait before the next step, if at all.
-    async fn deliver(
-        &mut self,
-        lease: Lease,
-        cx: &SinkContext,
-    ) -> Result<Option<Duration>, ConnectorError> {
+    /// Tries one delivery and records its outcome.
+    async fn deliver(&mut self, lease: Lease, cx: &SinkContext) -> Result<Step, ConnectorError> {
         let reply = match self.exchange(&lease.payload).await {
             Ok(reply) => reply,
             Err(error) => {
@@ -89,7 +121,7 @@ impl Sender {
                 tracing::warn!(connect = %self.config.connect, error, retry_in_ms = delay.as_millis() as u64, "downstream unavailable; message stays queued");
                 cx.health.record_failure(&cx.name, &error);
                 cx.health.set_state(&cx.name, ConnectorState::BackingOff);
-                return Ok(Some(delay));
+                return Ok(Step::Again(Some(delay)));
             }
         };
         self.connection_failures = 0;
@@ -121,7 +153,7 @@ impl Sender {
                 self.report(cx, &lease, DeliveryOutcome::Delivered(reply))
                     .await;
                 tracing::debug!("delivered");
-                Ok(None)
+                Ok(Step::Delivered)
             }
             Err((error, is_permanent)) => {
                 if !error.starts_with("downstream answered") {
@@ -155,7 +187,7 @@ impl Sender {
                             .await;
                     }
                 }
-                Ok(None)
+                Ok(Step::Again(None))
             }
         }
     }
