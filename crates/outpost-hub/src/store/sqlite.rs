@@ -105,6 +105,26 @@ fn down_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DownMessage> {
     })
 }
 
+/// A `messages` row: the nine metadata columns, then the payload or NULL.
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let payload: Option<Vec<u8>> = r.get(9)?;
+    Ok(StoredMessage {
+        cursor: r.get(0)?,
+        agent_id: r.get(1)?,
+        item_id: r.get(2)?,
+        source: r.get(3)?,
+        kind: r.get(4)?,
+        msg_type: r.get(5)?,
+        control_id: r.get(6)?,
+        received_at_ms: r.get(7)?,
+        stored_at_ms: r.get(8)?,
+        payload_base64: payload.map(|p| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(p)
+        }),
+    })
+}
+
 const AGENT_COLUMNS: &str = "SELECT id, name, public_key, hostname, enrolled_at, revoked_at, last_seen, inventory FROM agents";
 const DOWN_COLUMNS: &str =
     "SELECT id, agent_id, sink, state, item_id, error, created_at, updated_at, payload FROM downs";
@@ -266,24 +286,7 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map(
                 params![filter.after, filter.agent_id, filter.source, filter.msg_type, type_prefix, filter.with_payload, filter.limit as i64],
-                |r| {
-                    let payload: Option<Vec<u8>> = r.get(9)?;
-                    Ok(StoredMessage {
-                        cursor: r.get(0)?,
-                        agent_id: r.get(1)?,
-                        item_id: r.get(2)?,
-                        source: r.get(3)?,
-                        kind: r.get(4)?,
-                        msg_type: r.get(5)?,
-                        control_id: r.get(6)?,
-                        received_at_ms: r.get(7)?,
-                        stored_at_ms: r.get(8)?,
-                        payload_base64: payload.map(|p| {
-                            use base64::Engine;
-                            base64::engine::general_purpose::STANDARD.encode(p)
-                        }),
-                    })
-                },
+                message_from_row,
             )?;
             rows.collect()
         })
@@ -298,23 +301,10 @@ impl Store for SqliteStore {
         let agent_id = agent_id.to_owned();
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT cursor, agent_id, item_id, source, kind, msg_type, control_id, received_at, stored_at
+                "SELECT cursor, agent_id, item_id, source, kind, msg_type, control_id, received_at, stored_at, NULL
                  FROM messages WHERE agent_id = ?1 ORDER BY cursor DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![agent_id, limit as i64], |r| {
-                Ok(StoredMessage {
-                    cursor: r.get(0)?,
-                    agent_id: r.get(1)?,
-                    item_id: r.get(2)?,
-                    source: r.get(3)?,
-                    kind: r.get(4)?,
-                    msg_type: r.get(5)?,
-                    control_id: r.get(6)?,
-                    received_at_ms: r.get(7)?,
-                    stored_at_ms: r.get(8)?,
-                    payload_base64: None,
-                })
-            })?;
+            let rows = stmt.query_map(params![agent_id, limit as i64], message_from_row)?;
             rows.collect()
         })
         .await
