@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{describe_output, port_accepts, run, strip_ansi, tail};
+use crate::{describe_output, port_accepts, run, strip_ansi};
 
 /// How long an agent gets to open its listeners.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -162,47 +162,22 @@ impl Agent {
 
     /// Kills the agent with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill9(&mut self) {
-        if let Some(child) = &mut self.child {
-            child
-                .kill()
-                .unwrap_or_else(|err| panic!("SIGKILL the agent (pid {}): {err}", self.pid));
-            let _ = child.wait();
-        }
+        crate::process::kill9(self.child.as_mut(), "agent", self.pid);
     }
 
     /// Asks the agent to stop with SIGTERM (`kill -TERM <pid>`).
     #[cfg(unix)]
     pub fn terminate(&self) {
-        let output = run(Command::new("kill").arg("-TERM").arg(self.pid.to_string()));
-        assert!(
-            output.status.success(),
-            "kill -TERM {} failed\n{}",
-            self.pid,
-            describe_output(&output)
-        );
+        crate::process::terminate(self.pid);
     }
 
     /// Waits for the agent to exit and returns its status; panics with the log tail after
     /// `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let pid = self.pid;
-        let Some(child) = &mut self.child else {
-            panic!("wait_exit: the agent was never started");
-        };
-        let started = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if started.elapsed() < timeout => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => panic!(
-                    "the agent (pid {pid}) did not exit within {timeout:?}\nagent log tail:\n{}",
-                    self.log_tail(30)
-                ),
-                Err(err) => panic!("wait for the agent (pid {pid}): {err}"),
-            }
-        }
+        let log_path = self.log_path.clone();
+        crate::process::wait_exit(self.child.as_mut(), "agent", self.pid, timeout, move || {
+            crate::process::log_tail(&log_path, 30)
+        })
     }
 
     /// The whole log so far (all runs), without colour codes.
@@ -217,7 +192,7 @@ impl Agent {
 
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
-        tail(&self.log(), n)
+        crate::process::log_tail(&self.log_path, n)
     }
 
     /// Waits until the log has a line containing every one of `parts`, and returns it.

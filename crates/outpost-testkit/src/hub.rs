@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::postgres::PgDatabase;
-use crate::{describe_output, free_port, port_accepts, run, strip_ansi, tail};
+use crate::{describe_output, free_port, port_accepts, run, strip_ansi};
 
 /// How long a hub gets to make its CA, open its store and listen.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -183,46 +183,21 @@ impl Hub {
 
     /// Kills the hub with SIGKILL and reaps it.
     pub fn kill9(&mut self) {
-        if let Some(child) = &mut self.child {
-            child
-                .kill()
-                .unwrap_or_else(|err| panic!("SIGKILL the hub (pid {}): {err}", self.pid));
-            let _ = child.wait();
-        }
+        crate::process::kill9(self.child.as_mut(), "hub", self.pid);
     }
 
     /// Asks the hub to stop with SIGTERM.
     #[cfg(unix)]
     pub fn terminate(&self) {
-        let output = run(Command::new("kill").arg("-TERM").arg(self.pid.to_string()));
-        assert!(
-            output.status.success(),
-            "kill -TERM {} failed\n{}",
-            self.pid,
-            describe_output(&output)
-        );
+        crate::process::terminate(self.pid);
     }
 
     /// Waits for the hub to exit; panics with the log tail after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let pid = self.pid;
-        let Some(child) = &mut self.child else {
-            panic!("wait_exit: the hub was never started");
-        };
-        let started = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if started.elapsed() < timeout => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => panic!(
-                    "the hub (pid {pid}) did not exit within {timeout:?}\nhub log tail:\n{}",
-                    self.log_tail(30)
-                ),
-                Err(err) => panic!("wait for the hub (pid {pid}): {err}"),
-            }
-        }
+        let log_path = self.log_path.clone();
+        crate::process::wait_exit(self.child.as_mut(), "hub", self.pid, timeout, move || {
+            crate::process::log_tail(&log_path, 30)
+        })
     }
 
     /// Where it stores its data.
@@ -338,7 +313,7 @@ impl Hub {
 
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
-        tail(&self.log(), n)
+        crate::process::log_tail(&self.log_path, n)
     }
 
     /// Waits until the log has a line containing every one of `parts`, and returns it.

@@ -24,6 +24,7 @@ mod hl7apy;
 mod hub;
 mod mllp;
 mod postgres;
+mod process;
 mod python;
 pub mod samples;
 
