@@ -1,13 +1,12 @@
 //! hl7apy's MLLP server (`peers/hl7apy_mllp_server.py`) as a child process.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{describe_output, peers_dir, port_accepts, python, tail};
+use crate::{describe_output, python, tail};
 
 /// `peers/hl7apy_mllp_server.py` on 127.0.0.1:`port`: built on `hl7apy.mllp.MLLPServer`, it
 /// answers ORU^R01 with AA (and appends the message to `received.hl7`, segments on their
@@ -47,50 +46,16 @@ impl Hl7apyServer {
     /// Starts the server and waits until its port accepts connections.
     pub fn start(port: u16) -> Hl7apyServer {
         require_hl7apy();
-        let dir = tempfile::Builder::new()
-            .prefix("outpost-hl7apy-")
-            .tempdir()
-            .unwrap_or_else(|err| panic!("create a temporary folder for the hl7apy server: {err}"));
-        let script = peers_dir().join("hl7apy_mllp_server.py");
-        let log_path = dir.path().join("server.log");
-        let log = std::fs::File::create(&log_path)
-            .unwrap_or_else(|err| panic!("create {}: {err}", log_path.display()));
-        let log_err = log
-            .try_clone()
-            .unwrap_or_else(|err| panic!("clone the log file handle: {err}"));
-        let mut command = Command::new(python());
-        command
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("start {command:?}: {err}"));
-        let mut server = Hl7apyServer {
+        let (dir, child) = crate::python::spawn_peer(
+            "hl7apy_mllp_server.py",
+            port,
+            "the peer needs `python3 -m pip install hl7apy`",
+        );
+        Hl7apyServer {
             port,
             dir,
             child: Some(child),
-        };
-        let started = Instant::now();
-        while !port_accepts(port) {
-            if let Some(Some(status)) = server.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
-                panic!(
-                    "{command:?} exited with {status} before listening on 127.0.0.1:{port}\nlog:\n{}",
-                    server.log_tail(30)
-                );
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                panic!(
-                    "{command:?} did not listen on 127.0.0.1:{port} within 20 s\nlog:\n{}",
-                    server.log_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
     }
 
     /// Its port.

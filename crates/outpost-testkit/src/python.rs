@@ -63,52 +63,16 @@ impl PyHl7Server {
     /// Starts the server and waits until its port accepts connections.
     pub fn start(port: u16) -> PyHl7Server {
         require_python_hl7();
-        let dir = tempfile::Builder::new()
-            .prefix("outpost-pyhl7-")
-            .tempdir()
-            .unwrap_or_else(|err| {
-                panic!("create a temporary folder for the python-hl7 server: {err}")
-            });
-        let script = peers_dir().join("pyhl7_mllp_server.py");
-        let log_path = dir.path().join("server.log");
-        let log = std::fs::File::create(&log_path)
-            .unwrap_or_else(|err| panic!("create {}: {err}", log_path.display()));
-        let log_err = log
-            .try_clone()
-            .unwrap_or_else(|err| panic!("clone the log file handle: {err}"));
-        let mut command = Command::new(python());
-        command
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("start {command:?}: {err} (the peer needs `{INSTALL}`)"));
-        let mut server = PyHl7Server {
+        let (dir, child) = spawn_peer(
+            "pyhl7_mllp_server.py",
+            port,
+            &format!("the peer needs `{INSTALL}`"),
+        );
+        PyHl7Server {
             port,
             dir,
             child: Some(child),
-        };
-        let started = Instant::now();
-        while !port_accepts(port) {
-            if let Some(Some(status)) = server.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
-                panic!(
-                    "{command:?} exited with {status} before listening on 127.0.0.1:{port}\nlog:\n{}",
-                    server.log_tail(30)
-                );
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                panic!(
-                    "{command:?} did not listen on 127.0.0.1:{port} within 20 s\nlog:\n{}",
-                    server.log_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
     }
 
     /// Its port.
@@ -219,6 +183,57 @@ pub fn mllp_send(port: u16, file: &Path) -> Output {
         describe_output(&output)
     );
     output
+}
+
+/// Starts `peers/<script> <port> <dir>` with its output in `<dir>/server.log`, and waits
+/// (up to 20 s) until 127.0.0.1:`port` accepts connections. `hint` is added when the
+/// interpreter cannot start at all.
+pub(crate) fn spawn_peer(script: &str, port: u16, hint: &str) -> (TempDir, Child) {
+    let dir = tempfile::Builder::new()
+        .prefix("outpost-peer-")
+        .tempdir()
+        .unwrap_or_else(|err| panic!("create a temporary folder for {script}: {err}"));
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path)
+        .unwrap_or_else(|err| panic!("create {}: {err}", log_path.display()));
+    let log_err = log
+        .try_clone()
+        .unwrap_or_else(|err| panic!("clone the log file handle: {err}"));
+    let mut command = Command::new(python());
+    command
+        .arg(peers_dir().join(script))
+        .arg(port.to_string())
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|err| panic!("start {command:?}: {err} ({hint})"));
+    let log_tail = || {
+        tail(
+            &String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()),
+            30,
+        )
+    };
+    let started = Instant::now();
+    while !port_accepts(port) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{command:?} exited with {status} before listening on 127.0.0.1:{port}\nlog:\n{}",
+                log_tail()
+            );
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!(
+                "{command:?} did not listen on 127.0.0.1:{port} within 20 s\nlog:\n{}",
+                log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (dir, child)
 }
 
 #[cfg(test)]
