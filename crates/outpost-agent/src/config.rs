@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub routes: Vec<RouteConfig>,
     /// `[hub]`: connect to a hub (also implied by a `kind = "hub"` sink).
     pub hub: Option<HubConfig>,
+    /// `policy`: the practice's support policy (see `security.md`). Without one every job
+    /// from the hub is refused. Relative paths are taken from the config file's folder.
+    pub policy: Option<PathBuf>,
 }
 
 /// `[hub]`: where the hub is and how to enroll on first start. After enrollment the
@@ -117,6 +120,8 @@ struct RawConfig {
     route: Vec<toml::Table>,
     #[serde(default)]
     hub: Option<toml::Table>,
+    #[serde(default)]
+    policy: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -225,6 +230,9 @@ impl AgentConfig {
             sinks,
             routes,
             hub,
+            policy: raw
+                .policy
+                .map(|policy| if policy.is_absolute() { policy } else { base.join(policy) }),
         };
         config.check().map_err(invalid)?;
         Ok(config)

@@ -34,6 +34,12 @@ pub enum AgentError {
     /// The hub link could not be set up (not enrolled, enrollment refused, bad CA file).
     #[error(transparent)]
     Uplink(#[from] outpost_uplink::UplinkError),
+    /// The audit log could not be opened or written.
+    #[error(transparent)]
+    Audit(#[from] outpost_audit::AuditError),
+    /// The approvals file could not be opened.
+    #[error(transparent)]
+    Approvals(#[from] crate::jobs::approvals::ApprovalError),
     /// A connector could not start.
     #[error("{kind} \"{name}\": {message}")]
     Connector {

@@ -16,6 +16,8 @@ pub enum ConnectorState {
     BackingOff,
     /// Stopped (shutdown).
     Stopped,
+    /// Paused by a support job until resumed.
+    Paused,
 }
 
 impl ConnectorState {
@@ -26,6 +28,7 @@ impl ConnectorState {
             Self::Running => "running",
             Self::BackingOff => "backing off",
             Self::Stopped => "stopped",
+            Self::Paused => "paused",
         }
     }
 }

@@ -8,21 +8,27 @@ use std::time::Instant;
 use outpost_core::{ConnectorName, ItemKind};
 use outpost_proto::{ConnectorReport, Inventory, QueueReport};
 use outpost_queue::{NewItem, Queue};
-use outpost_uplink::{Credentials, DownRequest, InventorySource, Uplink, UplinkHandle};
+use outpost_uplink::{Credentials, DownRequest, Inbound, InventorySource, Uplink, UplinkHandle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, HUB_SOURCE};
 use crate::connectors::SinkKind;
+use crate::jobs::mirror::{self, MirrorEvent};
+use crate::jobs::{runner, JobContext, RunnerMessage, RunnerSettings};
 use crate::{AgentError, Health};
+
+/// Jobs that may run at once on one agent.
+const MAX_CONCURRENT_JOBS: usize = 4;
 
 /// Starts the uplink; returns its handle.
 pub async fn start(
     config: Arc<AgentConfig>,
     queue: Queue,
-    health: Health,
+    cx: JobContext,
     shutdown: CancellationToken,
 ) -> Result<UplinkHandle, AgentError> {
+    let health = cx.health.clone();
     let credentials = match Credentials::load(&config.data_dir) {
         Ok(credentials) => credentials,
         Err(outpost_uplink::UplinkError::NotEnrolled { .. })
@@ -38,9 +44,36 @@ pub async fn start(
         }
         Err(err) => return Err(err.into()),
     };
-    let (downs, requests) = mpsc::channel(64);
+    let agent_id = credentials.agent_id.clone();
+    let settings = RunnerSettings {
+        agent_id: agent_id.clone(),
+        agent_key: credentials.key.clone(),
+        job_key: credentials.job_key,
+        data_dir: config.data_dir.clone(),
+        policy_path: config.policy.clone(),
+        config_path: Some(config.path.clone()),
+        max_concurrent: MAX_CONCURRENT_JOBS,
+    };
+    let (inbound, inbound_rx) = mpsc::channel(64);
     let inventory = inventory_source(config.clone(), queue.clone(), health);
-    let uplink = Uplink::start(credentials, inventory, downs, shutdown.clone());
+    let uplink = Uplink::start(credentials, inventory, inbound, shutdown.clone());
+    let runner = runner::start(
+        settings,
+        JobContext {
+            agent_id,
+            ..cx
+        },
+        uplink.clone(),
+        shutdown.clone(),
+    )?;
+    let (mirror_events, mirror_rx) = mpsc::channel(16);
+    tokio::spawn(mirror::run(
+        runner.audit.clone(),
+        uplink.clone(),
+        mirror_rx,
+        shutdown.clone(),
+    ));
+    let (downs, requests) = mpsc::channel(64);
     tokio::spawn(take_downs(
         config,
         queue,
@@ -48,7 +81,46 @@ pub async fn start(
         requests,
         shutdown,
     ));
+    tokio::spawn(route_inbound(
+        inbound_rx,
+        downs,
+        runner.messages,
+        mirror_events,
+    ));
     Ok(uplink)
+}
+
+/// Hands each message from the hub to the part of the agent that deals with it.
+pub async fn route_inbound(
+    mut inbound: mpsc::Receiver<Inbound>,
+    downs: mpsc::Sender<DownRequest>,
+    jobs: mpsc::Sender<RunnerMessage>,
+    mirror: mpsc::Sender<MirrorEvent>,
+) {
+    while let Some(message) = inbound.recv().await {
+        let delivered = match message {
+            Inbound::Down(request) => downs.send(request).await.is_ok(),
+            Inbound::Job { dispatch_id, job } => jobs
+                .send(RunnerMessage::Job { dispatch_id, job })
+                .await
+                .is_ok(),
+            Inbound::CancelJob { dispatch_id } => jobs
+                .send(RunnerMessage::Cancel { dispatch_id })
+                .await
+                .is_ok(),
+            Inbound::AuditWanted { after_seq, session } => mirror
+                .send(MirrorEvent::Wanted { after_seq, session })
+                .await
+                .is_ok(),
+            Inbound::SessionEnded { session } => mirror
+                .send(MirrorEvent::SessionEnded { session })
+                .await
+                .is_ok(),
+        };
+        if !delivered {
+            break;
+        }
+    }
 }
 
 fn has_enrollment_settings(config: &AgentConfig) -> bool {

@@ -6,9 +6,12 @@
 
 pub mod config;
 pub mod connectors;
+pub mod control;
 mod error;
 pub mod health;
 mod hub_link;
+pub mod jobs;
+pub mod logbuf;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -25,6 +28,10 @@ pub use config::AgentConfig;
 use connectors::{mllp, SinkContext, SinkKind, SourceContext, SourceKind};
 pub use error::{AgentError, ConfigError, ConnectorError};
 pub use health::{ConnectorState, ConnectorStatus, Health};
+pub use hub_link::route_inbound;
+use control::{Control, ConnectorControls};
+use jobs::{JobContext, ReloadRequest};
+use logbuf::LogBuffer;
 use watch::DeliveryWatch;
 
 /// How often delivered items past their retention are purged.
@@ -62,13 +69,41 @@ impl RunningAgent {
     }
 }
 
-/// Opens the queue, binds every listener and starts every connector. Errors here (a bad
-/// data directory, a port in use) are start-up errors; later connector failures are
-/// logged and the connector restarted.
+/// What the process running the agent gives it besides its config.
+#[derive(Clone)]
+pub struct AgentExtras {
+    /// The log lines the process's `tracing` layer collects (for `logs.*` jobs).
+    pub logs: LogBuffer,
+    /// Asked after `config.propose` applied a new config: the process restarts the agent.
+    pub reload: ReloadRequest,
+}
+
+impl Default for AgentExtras {
+    fn default() -> Self {
+        AgentExtras {
+            logs: LogBuffer::default(),
+            reload: ReloadRequest::new().0,
+        }
+    }
+}
+
+/// [`start_with`] without a log buffer or reload handling (tests, embedded uses).
 pub async fn start(
     config: AgentConfig,
     shutdown: CancellationToken,
 ) -> Result<RunningAgent, AgentError> {
+    start_with(config, shutdown, AgentExtras::default()).await
+}
+
+/// Opens the queue, binds every listener and starts every connector. Errors here (a bad
+/// data directory, a port in use) are start-up errors; later connector failures are
+/// logged and the connector restarted.
+pub async fn start_with(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    extras: AgentExtras,
+) -> Result<RunningAgent, AgentError> {
+    let started = std::time::Instant::now();
     let config = Arc::new(config);
     let options = QueueOptions {
         min_free_disk_bytes: config.min_free_disk_bytes,
@@ -79,6 +114,7 @@ pub async fn start(
         .await
         .map_err(|_| AgentError::Queue(outpost_queue::QueueError::Closed))??;
     let health = Health::default();
+    let controls = ConnectorControls::default();
     let deliveries = DeliveryWatch::default();
     let mut tasks = JoinSet::new();
     let mut listeners = Vec::new();
@@ -112,10 +148,14 @@ pub async fn start(
                 let span = tracing::info_span!("connector", name = %source.name, kind = "mllp");
                 let (name, health, stop) =
                     (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let control = controls.register(&name);
                 tasks.spawn(
-                    supervise(name, health, stop, "source", move || {
-                        let (mllp_config, cx, bound) =
-                            (mllp_config.clone(), cx.clone(), bound.clone());
+                    supervise(name, health, stop, "source", control, move |run_stop| {
+                        let (mllp_config, bound) = (mllp_config.clone(), bound.clone());
+                        let cx = SourceContext {
+                            shutdown: run_stop,
+                            ..cx.clone()
+                        };
                         async move {
                             let reused = bound.lock().ok().and_then(|mut slot| slot.take());
                             let listener = match reused {
@@ -136,7 +176,17 @@ pub async fn start(
             hub_link::start(
                 config.clone(),
                 queue.clone(),
-                health.clone(),
+                JobContext {
+                    agent_id: String::new(),
+                    config: Some(config.clone()),
+                    queue: Some(queue.clone()),
+                    health: health.clone(),
+                    connectors: controls.clone(),
+                    logs: extras.logs.clone(),
+                    data_dir: config.data_dir.clone(),
+                    started,
+                    reload: extras.reload.clone(),
+                },
                 shutdown.child_token(),
             )
             .await?,
@@ -167,9 +217,14 @@ pub async fn start(
                 let span = tracing::info_span!("connector", name = %sink.name, kind = "mllp");
                 let (name, health, stop) =
                     (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let control = controls.register(&name);
                 tasks.spawn(
-                    supervise(name, health, stop, "sink", move || {
-                        mllp::run_sink(mllp_config.clone(), cx.clone())
+                    supervise(name, health, stop, "sink", control, move |run_stop| {
+                        let cx = SinkContext {
+                            shutdown: run_stop,
+                            ..cx.clone()
+                        };
+                        mllp::run_sink(mllp_config.clone(), cx)
                     })
                     .instrument(span),
                 );
@@ -179,9 +234,14 @@ pub async fn start(
                 let span = tracing::info_span!("connector", name = %sink.name, kind = "hub");
                 let (name, health, stop) =
                     (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let control = controls.register(&name);
                 tasks.spawn(
-                    supervise(name, health, stop, "sink", move || {
-                        connectors::hub::run_sink(hub_config.clone(), cx.clone())
+                    supervise(name, health, stop, "sink", control, move |run_stop| {
+                        let cx = SinkContext {
+                            shutdown: run_stop,
+                            ..cx.clone()
+                        };
+                        connectors::hub::run_sink(hub_config.clone(), cx)
                     })
                     .instrument(span),
                 );
@@ -230,22 +290,63 @@ pub async fn start(
     })
 }
 
-/// Runs a connector, restarting it with backoff whenever it fails, until shutdown.
+/// Runs a connector, restarting it with backoff whenever it fails, until shutdown. A
+/// pause stops it until resumed; a restart request stops it and starts it again at once.
+/// `run` gets the token that stops that one run.
 async fn supervise<F, Fut>(
     name: ConnectorName,
     health: Health,
     shutdown: CancellationToken,
     role: &'static str,
+    mut control: tokio::sync::watch::Receiver<Control>,
     mut run: F,
 ) where
-    F: FnMut() -> Fut,
+    F: FnMut(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = Result<(), ConnectorError>>,
 {
     let mut failures = 0u32;
+    let mut control_open = true;
     loop {
-        match run().await {
+        if control.borrow_and_update().paused {
+            health.set_state(&name, ConnectorState::Paused);
+            tracing::info!(role, "connector paused");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
+        let run_stop = shutdown.child_token();
+        let task = run(run_stop.clone());
+        tokio::pin!(task);
+        let mut interrupted = false;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut task => break outcome,
+                changed = control.changed(), if control_open && !interrupted => {
+                    if changed.is_err() {
+                        control_open = false;
+                    } else {
+                        interrupted = true;
+                        run_stop.cancel();
+                    }
+                }
+            }
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if interrupted {
+            failures = 0;
+            tracing::info!(role, "connector stopped on request");
+            continue;
+        }
+        match outcome {
             Ok(()) => break,
-            Err(_) if shutdown.is_cancelled() => break,
             Err(err) => {
                 failures = failures.saturating_add(1);
                 let delay = RESTART_POLICY.backoff(failures);
@@ -255,6 +356,11 @@ async fn supervise<F, Fut>(
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
+                    changed = control.changed(), if control_open => {
+                        if changed.is_err() {
+                            control_open = false;
+                        }
+                    }
                 }
             }
         }

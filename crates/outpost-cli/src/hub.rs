@@ -28,6 +28,26 @@ pub enum HubAction {
         #[command(subcommand)]
         action: ApikeyAction,
     },
+    /// Staff: the people who run support jobs and look at PHI, each with a personal token.
+    Staff {
+        #[command(subcommand)]
+        action: StaffAction,
+    },
+}
+
+/// Staff actions.
+#[derive(Subcommand)]
+pub enum StaffAction {
+    /// Add a staff member; their personal token is printed once and stored only as a hash.
+    Add {
+        /// Their name as it appears in every job and audit entry, e.g. `alice@vendor.com`.
+        name: String,
+        /// `support` (jobs, audit trails) or `admin` (also the hub's access log).
+        #[arg(long, value_parser = ["support", "admin"], default_value = "support")]
+        role: String,
+    },
+    /// List staff members.
+    List,
 }
 
 /// Token actions.
@@ -147,6 +167,42 @@ pub async fn run(config: Option<PathBuf>, action: Option<HubAction>) -> anyhow::
                 .await?;
             println!("{key}");
             eprintln!("API key for {name:?}; send it as `Authorization: Bearer <key>`, or paste it into the dashboard");
+        }
+        HubAction::Staff {
+            action: StaffAction::Add { name, role },
+        } => {
+            let name = name.trim().to_owned();
+            if name.is_empty()
+                || name.len() > 100
+                || name.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                anyhow::bail!("staff name {name:?}: expected 1 to 100 characters without spaces, e.g. alice@vendor.com");
+            }
+            let token = secrets::new_secret("ops_");
+            let staff = outpost_hub::store::StaffRecord {
+                name: name.clone(),
+                role: role.clone(),
+                token_hash: secrets::hash_secret(&token),
+                created_at_ms: now,
+                disabled_at_ms: None,
+            };
+            if !store.insert_staff(&staff).await? {
+                anyhow::bail!("a staff member named {name:?} already exists");
+            }
+            println!("{token}");
+            eprintln!("staff token for {name} ({role}); use it with `outpost job run --token` (or OUTPOST_STAFF_TOKEN) and to sign in to the dashboard");
+        }
+        HubAction::Staff {
+            action: StaffAction::List,
+        } => {
+            for staff in store.staff().await? {
+                let state = if staff.disabled_at_ms.is_some() {
+                    "disabled"
+                } else {
+                    "active"
+                };
+                println!("{:<40} {:<8} {state}", staff.name, staff.role);
+            }
         }
     }
     Ok(())

@@ -3,12 +3,14 @@
 
 #![forbid(unsafe_code)]
 
+mod approvals;
 mod audit;
 mod bench;
 mod demo;
 mod downstream;
 mod hub;
 mod inspect;
+mod job;
 mod samples;
 mod signals;
 
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use outpost_agent::logbuf::LogBuffer;
 use outpost_agent::AgentConfig;
 
 /// Outpost: the on-premise gateway between a practice's systems and its vendors.
@@ -74,6 +77,19 @@ enum Command {
         #[command(subcommand)]
         action: inspect::Hl7Action,
     },
+    /// Run support jobs on agents through the hub (as a staff member).
+    Job {
+        #[command(subcommand)]
+        action: job::JobAction,
+    },
+    /// On the agent: list, approve or deny support jobs waiting for a local approval.
+    Approvals {
+        /// The agent's TOML config (its data_dir holds the approvals).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: approvals::ApprovalsAction,
+    },
     /// Check an agent's tamper-evident audit log.
     Audit {
         #[command(subcommand)]
@@ -94,7 +110,8 @@ fn main() -> ExitCode {
         Command::Agent { action: None, .. } | Command::Hub { action: None, .. } => "info",
         _ => "warn",
     };
-    init_logging(cli.log.as_deref().unwrap_or(default_filter));
+    let logs = LogBuffer::default();
+    init_logging(cli.log.as_deref().unwrap_or(default_filter), &logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,7 +122,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", describe(&err));
@@ -114,12 +131,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, logs: LogBuffer) -> anyhow::Result<()> {
     match command {
         Command::Agent {
             config,
             action: None,
-        } => run_agent(required(config)?).await,
+        } => run_agent(required(config)?, logs).await,
         Command::Agent {
             config,
             action: Some(action),
@@ -131,26 +148,52 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Hl7 { action } => inspect::hl7(action).await,
         Command::Audit { action } => audit::run(action),
+        Command::Job { action } => job::run(action).await,
+        Command::Approvals { config, action } => {
+            approvals::run(&load_config(&required(config)?)?, action)
+        }
         Command::Bench { target } => bench::run(target).await,
     }
 }
 
-async fn run_agent(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = load_config(&config_path)?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let agent = outpost_agent::start(config, shutdown.clone())
-        .await
-        .context("agent could not start")?;
-    for (name, addr) in &agent.listeners {
-        tracing::info!(source = %name, %addr, "listening");
-    }
-    let stop = shutdown.clone();
+/// Runs the agent until a stop signal; after `config.propose` applied a new config, stops
+/// it and starts it again with the new file.
+async fn run_agent(config_path: PathBuf, logs: LogBuffer) -> anyhow::Result<()> {
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let stop = stopping.clone();
     tokio::spawn(async move {
         signals::shutdown_requested().await;
         stop.cancel();
     });
-    agent.wait().await;
-    Ok(())
+    loop {
+        let config = load_config(&config_path)?;
+        let shutdown = stopping.child_token();
+        let (reload, mut reloads) = outpost_agent::jobs::ReloadRequest::new();
+        let extras = outpost_agent::AgentExtras {
+            logs: logs.clone(),
+            reload,
+        };
+        let agent = outpost_agent::start_with(config, shutdown.clone(), extras)
+            .await
+            .context("agent could not start")?;
+        for (name, addr) in &agent.listeners {
+            tracing::info!(source = %name, %addr, "listening");
+        }
+        let reload_requested = tokio::select! {
+            _ = stopping.cancelled() => false,
+            changed = reloads.changed() => changed.is_ok(),
+        };
+        if reload_requested {
+            // Let the job that asked report its result before the uplink goes.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tracing::info!(config = %config_path.display(), "restarting with the new config");
+        }
+        shutdown.cancel();
+        agent.wait().await;
+        if !reload_requested {
+            return Ok(());
+        }
+    }
 }
 
 /// The error and its causes on one line, each said once: our error types already put
@@ -180,14 +223,20 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig::load(path)?)
 }
 
-fn init_logging(filter: &str) {
+/// Logs to stderr, and keeps recent lines in `logs` for the agent's `logs.*` jobs.
+fn init_logging(filter: &str, logs: &LogBuffer) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour only on a terminal: log files and service logs must stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(logs.layer())
+        .try_init();
 }

@@ -33,6 +33,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/api/v1/down/{id}", get(get_down))
         .route("/api/v1/messages", get(list_messages))
         .route("/api/v1/openapi.json", get(openapi))
+        .merge(crate::api_jobs::routes())
         .merge(crate::dashboard::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -80,10 +81,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A caller with a valid API key (`Authorization: Bearer opk_…`).
+/// A caller with a valid API key (`Authorization: Bearer opk_…`) or staff token.
 pub struct ApiCaller {
     /// The key's name.
     pub name: String,
+    /// Who, for the access log: `app:KEYNAME` or `staff:NAME`.
+    pub principal: String,
 }
 
 impl FromRequestParts<Arc<HubState>> for ApiCaller {
@@ -110,8 +113,18 @@ impl FromRequestParts<Arc<HubState>> for ApiCaller {
                 }
             },
         };
-        match state.store.api_key(&secrets::hash_secret(&key)).await? {
-            Some(name) => Ok(ApiCaller { name }),
+        let hash = secrets::hash_secret(&key);
+        if let Some(name) = state.store.api_key(&hash).await? {
+            return Ok(ApiCaller {
+                principal: format!("app:{name}"),
+                name,
+            });
+        }
+        match state.store.staff_by_token(&hash).await? {
+            Some(staff) => Ok(ApiCaller {
+                principal: format!("staff:{}", staff.name),
+                name: staff.name,
+            }),
             None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",
@@ -189,6 +202,7 @@ async fn enroll(
     Ok(Json(EnrollResponse {
         agent_id: agent.id,
         name,
+        job_key: hex::encode(state.job_key.verifying_key().to_bytes()),
     }))
 }
 
@@ -247,12 +261,32 @@ async fn get_agent(
     Ok(Json(agent_view(&state, agent)))
 }
 
+/// Records that `principal` looked at PHI or an audit trail. Fails the request if the
+/// record cannot be written: nothing is shown that is not recorded.
+pub(crate) async fn record_access(
+    state: &HubState,
+    principal: &str,
+    action: &str,
+    target: &str,
+) -> Result<(), ApiError> {
+    state
+        .store
+        .record_access(&crate::store::AccessRecord {
+            at_ms: now_ms(),
+            principal: principal.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
 /// A body that could not be read (too large, not UTF-8) as a JSON error like every other.
-fn body_error(rejection: StringRejection) -> ApiError {
+pub(crate) fn body_error(rejection: StringRejection) -> ApiError {
     ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
 }
 
-fn not_found(what: &str, id: &str) -> ApiError {
+pub(crate) fn not_found(what: &str, id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -293,7 +327,7 @@ pub struct MessagesPage {
 /// Reads delivered messages as a stream with a cursor.
 #[utoipa::path(get, path = "/api/v1/messages", params(MessagesQuery), responses((status = 200, body = MessagesPage), (status = 400, body = Object)), security(("api_key" = [])))]
 async fn list_messages(
-    _caller: ApiCaller,
+    caller: ApiCaller,
     State(state): State<Arc<HubState>>,
     query: Result<Query<MessagesQuery>, QueryRejection>,
 ) -> Result<Json<MessagesPage>, ApiError> {
@@ -342,6 +376,15 @@ async fn list_messages(
                 .last()
                 .map(|m| m.cursor)
                 .unwrap_or(filter.after.max(0));
+            if filter.with_payload && !messages.is_empty() {
+                let target = format!(
+                    "cursors {}..={} agent {}",
+                    messages.first().map_or(0, |m| m.cursor),
+                    next_cursor,
+                    filter.agent_id.as_deref().unwrap_or("*")
+                );
+                record_access(&state, &caller.principal, "messages.payload", &target).await?;
+            }
             return Ok(Json(MessagesPage {
                 messages,
                 next_cursor,

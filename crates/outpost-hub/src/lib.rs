@@ -4,9 +4,12 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod api_jobs;
+mod audit_mirror;
 pub mod config;
 mod dashboard;
 mod error;
+pub mod jobs;
 mod listener;
 mod monitor;
 pub mod secrets;
@@ -37,6 +40,10 @@ pub struct HubState {
     pub last_cursor: watch::Sender<i64>,
     /// Heartbeats waiting to be written, in one transaction, by the flusher.
     pub heartbeats: Heartbeats,
+    /// The key that signs jobs (shared by every hub process over the store).
+    pub job_key: ed25519_dalek::SigningKey,
+    /// Job dispatch and agents' job reports.
+    pub jobs: jobs::Jobs,
 }
 
 /// The latest heartbeat of each agent since the last flush. Writing each heartbeat on
@@ -142,6 +149,14 @@ impl Sessions {
             .and_then(|live| live.get(agent_id).cloned())
     }
 
+    /// The agents with a live session here.
+    pub fn agent_ids(&self) -> Vec<String> {
+        self.live
+            .lock()
+            .map(|live| live.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// How many sessions are live.
     pub fn count(&self) -> usize {
         self.live.lock().map(|live| live.len()).unwrap_or(0)
@@ -212,6 +227,7 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<Run
         config.listen.ip(),
     )?;
     let last = store.last_cursor().await?;
+    let job_key = jobs::load_job_key(store.as_ref()).await?;
     let (last_cursor, _) = watch::channel(last);
     let state = Arc::new(HubState {
         store,
@@ -219,8 +235,12 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<Run
         sessions: Sessions::default(),
         last_cursor,
         heartbeats: Heartbeats::default(),
+        job_key,
+        jobs: jobs::Jobs::default(),
     });
     tokio::spawn(flush_heartbeats(state.clone(), shutdown.child_token()));
+    tokio::spawn(jobs::dispatch(state.clone(), shutdown.child_token()));
+    tokio::spawn(jobs::flush_reports(state.clone(), shutdown.child_token()));
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {

@@ -86,6 +86,21 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
         }
     }
 
+    crate::jobs::send_jobs(&state, std::slice::from_ref(&agent.id), true).await;
+    let mut audit = match agent_key(&agent) {
+        Ok(key) => match crate::audit_mirror::AuditReceiver::start(&state, &agent, key).await {
+            Ok((receiver, after_seq)) => {
+                let _ = outbox.send(HubToAgent::AuditWanted { after_seq }).await;
+                Some(receiver)
+            }
+            Err(err) => {
+                tracing::warn!(agent_id = %agent.id, error = %err, "cannot read the audit mirror; not mirroring this session");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+
     let writer_cancel = cancel.clone();
     let writer = tokio::spawn(async move {
         loop {
@@ -141,7 +156,7 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
                 break;
             }
         };
-        if let Err(err) = handle(&state, &agent, &outbox, message).await {
+        if let Err(err) = handle(&state, &agent, &outbox, audit.as_mut(), message).await {
             tracing::error!(agent_id = %agent.id, error = %err, "cannot handle agent message; closing the session so the agent resends");
             break;
         }
@@ -190,12 +205,7 @@ async fn authenticate(
     if agent.revoked_at_ms.is_some() {
         return Err(format!("agent {agent_id} is revoked"));
     }
-    let key_bytes: [u8; 32] = hex::decode(&agent.public_key)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| format!("agent {agent_id} has an unreadable public key on record"))?;
-    let key = VerifyingKey::from_bytes(&key_bytes)
-        .map_err(|_| format!("agent {agent_id} has an invalid public key on record"))?;
+    let key = agent_key(&agent)?;
     let signature_bytes: [u8; 64] = hex::decode(&signature)
         .ok()
         .and_then(|b| b.try_into().ok())
@@ -208,10 +218,21 @@ async fn authenticate(
     Ok(agent)
 }
 
+/// The agent's enrolled public key.
+fn agent_key(agent: &AgentRecord) -> Result<VerifyingKey, String> {
+    let key_bytes: [u8; 32] = hex::decode(&agent.public_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("agent {} has an unreadable public key on record", agent.id))?;
+    VerifyingKey::from_bytes(&key_bytes)
+        .map_err(|_| format!("agent {} has an invalid public key on record", agent.id))
+}
+
 async fn handle(
     state: &HubState,
     agent: &AgentRecord,
     outbox: &mpsc::Sender<HubToAgent>,
+    audit: Option<&mut crate::audit_mirror::AuditReceiver>,
     message: AgentToHub,
 ) -> Result<(), crate::HubError> {
     match message {
@@ -275,6 +296,22 @@ async fn handle(
                     now_ms(),
                 )
                 .await?;
+        }
+        AgentToHub::JobUpdate(update) => state.jobs.record_update(&agent.id, update),
+        AgentToHub::JobOutput {
+            dispatch_id,
+            seq,
+            data,
+        } => {
+            // Output is accepted only for this agent's jobs: the store matches the agent
+            // when the job's state changes, and output of a job id that is not the agent's
+            // is dropped by the flusher's ownership check.
+            state.jobs.record_output(&agent.id, dispatch_id, seq, data);
+        }
+        AgentToHub::AuditLines { lines } => {
+            if let Some(audit) = audit {
+                audit.receive(state, lines).await?;
+            }
         }
         AgentToHub::Hello { .. } => {
             tracing::warn!(agent_id = %agent.id, "agent sent a second hello; ignored");

@@ -17,7 +17,8 @@ use base64::Engine;
 use outpost_hub::store::postgres::PostgresStore;
 use outpost_hub::store::sqlite::SqliteStore;
 use outpost_hub::store::{
-    AgentRecord, DownMessage, InventoryUpdate, MessageFilter, NewMessage, Store, StoredMessage,
+    AccessRecord, AgentRecord, DownMessage, InventoryUpdate, JobChange, JobChunk, JobRecord,
+    MessageFilter, MirroredLine, NewMessage, RolloutRecord, StaffRecord, Store, StoredMessage,
     TokenRefusal,
 };
 
@@ -126,6 +127,25 @@ on_both_backends! {
     reopened_store_keeps_its_data;
     text_with_a_nul_character_is_stored,
         postgres: #[ignore = "PostgreSQL TEXT cannot hold U+0000; the hub replaces control characters in agent metadata before storing (session.rs, clean_text)"];
+    staff_names_are_unique_and_listed_by_name;
+    staff_is_found_by_token_unless_disabled;
+    job_key_seed_is_the_first_candidate_stored;
+    job_key_seeds_race_to_one_winner;
+    rollout_round_trips_and_changes_state;
+    job_round_trips_every_field;
+    rollout_jobs_are_in_creation_order_and_recent_jobs_newest_first;
+    duplicate_job_id_is_an_error_and_inserts_nothing;
+    jobs_to_send_are_pending_unexpired_jobs_of_the_given_agents_oldest_first;
+    jobs_to_send_takes_thousands_of_agent_ids;
+    release_jobs_moves_the_oldest_queued_jobs_up_to_count;
+    concurrent_releases_never_release_a_job_twice;
+    update_jobs_replaces_some_fields_keeps_none_and_ignores_final_and_foreign_jobs;
+    request_cancel_marks_open_jobs_only_and_jobs_to_cancel_lists_them;
+    job_output_skips_duplicates_and_pages_in_order;
+    mirror_state_is_empty_for_an_unknown_agent;
+    audit_lines_are_kept_once_and_move_the_mirror_position;
+    mirror_problem_is_set_and_cleared;
+    access_log_is_newest_first;
 }
 
 // ---- tokens ----
@@ -995,10 +1015,923 @@ async fn text_with_a_nul_character_is_stored(b: &Backend) {
     assert_eq!(stored.map_err(|e| e.to_string()), Ok(1), "{}", b.name());
 }
 
+// ---- staff ----
+
+async fn staff_names_are_unique_and_listed_by_name(b: &Backend) {
+    let store = b.open().await;
+    assert!(
+        store.insert_staff(&staff("bob@v", "tok-b")).await.unwrap(),
+        "{}: first bob",
+        b.name()
+    );
+    assert!(store
+        .insert_staff(&staff("alice@v", "tok-a"))
+        .await
+        .unwrap());
+    let again = StaffRecord {
+        role: "admin".into(),
+        ..staff("bob@v", "tok-other")
+    };
+    assert!(
+        !store.insert_staff(&again).await.unwrap(),
+        "{}: a taken name was accepted",
+        b.name()
+    );
+    let listed: Vec<(String, String, String)> = store
+        .staff()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name, s.role, s.token_hash))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("alice@v", "support", "tok-a"),
+            ("bob@v", "support", "tok-b")
+        ]
+        .map(|(n, r, t)| (n.to_owned(), r.to_owned(), t.to_owned())),
+        "{}: the first bob is kept",
+        b.name()
+    );
+}
+
+async fn staff_is_found_by_token_unless_disabled(b: &Backend) {
+    let store = b.open().await;
+    store
+        .insert_staff(&staff("alice@v", "tok-a"))
+        .await
+        .unwrap();
+    let disabled = StaffRecord {
+        disabled_at_ms: Some(2_000),
+        ..staff("carol@v", "tok-c")
+    };
+    store.insert_staff(&disabled).await.unwrap();
+    let found = store
+        .staff_by_token("tok-a")
+        .await
+        .unwrap()
+        .expect("alice by her token");
+    assert_eq!(
+        (
+            found.name.as_str(),
+            found.role.as_str(),
+            found.created_at_ms,
+            found.disabled_at_ms
+        ),
+        ("alice@v", "support", 1_000, None),
+        "{}",
+        b.name()
+    );
+    assert!(
+        store.staff_by_token("tok-c").await.unwrap().is_none(),
+        "{}: disabled staff found by token",
+        b.name()
+    );
+    assert!(
+        store.staff_by_token("tok-x").await.unwrap().is_none(),
+        "{}: unknown token",
+        b.name()
+    );
+    let carol = store.staff().await.unwrap().pop().unwrap();
+    assert_eq!(
+        (carol.name.as_str(), carol.disabled_at_ms),
+        ("carol@v", Some(2_000)),
+        "{}: disabled staff are still listed",
+        b.name()
+    );
+}
+
+// ---- job signing key ----
+
+async fn job_key_seed_is_the_first_candidate_stored(b: &Backend) {
+    let first = b.open().await;
+    let seed = first.job_key_seed(&[7; 32]).await.unwrap();
+    assert_eq!(seed, [7; 32], "{}: the first candidate is stored", b.name());
+    assert_eq!(
+        first.job_key_seed(&[8; 32]).await.unwrap(),
+        [7; 32],
+        "{}: second call",
+        b.name()
+    );
+    let second = b.open().await;
+    assert_eq!(
+        second.job_key_seed(&[9; 32]).await.unwrap(),
+        [7; 32],
+        "{}: another store on the same database",
+        b.name()
+    );
+}
+
+async fn job_key_seeds_race_to_one_winner(b: &Backend) {
+    // Hub processes starting together on one database each offer their own candidate.
+    let stores = [b.open().await, b.open().await, b.open().await];
+    let seeds = futures::future::join_all((0..12u8).map(|i| {
+        let store = stores[usize::from(i) % 3].clone();
+        tokio::spawn(async move { store.job_key_seed(&[i; 32]).await.unwrap() })
+    }))
+    .await;
+    let distinct: HashSet<[u8; 32]> = seeds.into_iter().map(|s| s.unwrap()).collect();
+    assert_eq!(
+        distinct.len(),
+        1,
+        "{}: concurrent first calls got different seeds",
+        b.name()
+    );
+}
+
+// ---- rollouts and jobs ----
+
+async fn rollout_round_trips_and_changes_state(b: &Backend) {
+    let store = b.open().await;
+    let r = RolloutRecord {
+        error_threshold: Some(u32::MAX),
+        max_concurrency: u32::MAX,
+        ..rollout("ro_1")
+    };
+    store.insert_rollout(&r).await.unwrap();
+    store.insert_rollout(&rollout("ro_2")).await.unwrap();
+    let got = store.rollout("ro_1").await.unwrap().expect("ro_1");
+    assert_eq!(
+        rollout_fields(&got),
+        rollout_fields(&r),
+        "{}: round trip",
+        b.name()
+    );
+    let plain = store.rollout("ro_2").await.unwrap().expect("ro_2");
+    assert_eq!(
+        rollout_fields(&plain),
+        rollout_fields(&rollout("ro_2")),
+        "{}: no threshold",
+        b.name()
+    );
+    store
+        .set_rollout_state("ro_1", "halted", 9_000)
+        .await
+        .unwrap();
+    let got = store.rollout("ro_1").await.unwrap().expect("ro_1");
+    assert_eq!(
+        (got.state.as_str(), got.updated_at_ms, got.created_at_ms),
+        ("halted", 9_000, 1_000),
+        "{}",
+        b.name()
+    );
+    assert!(
+        store.rollout("ro_9").await.unwrap().is_none(),
+        "{}: unknown",
+        b.name()
+    );
+    assert!(
+        store.insert_rollout(&rollout("ro_2")).await.is_err(),
+        "{}: duplicate rollout id",
+        b.name()
+    );
+}
+
+async fn job_round_trips_every_field(b: &Backend) {
+    let store = b.open().await;
+    let j = JobRecord {
+        rule: Some("policy.allow".into()),
+        reason: Some("ok ☃".into()),
+        summary: Some("3 files".into()),
+        digest: Some("ab".repeat(32)),
+        truncated: true,
+        approver: Some("nurse@site".into()),
+        cancel_requested: true,
+        args: r#"{"path":"C:\\logs","n":1}"#.into(),
+        ..job("jb_1", "agt_1", "running", 100)
+    };
+    store.insert_jobs(std::slice::from_ref(&j)).await.unwrap();
+    let got = store.job("jb_1").await.unwrap().expect("jb_1");
+    assert_eq!(job_fields(&got), job_fields(&j), "{}", b.name());
+    let plain = job("jb_2", "agt_1", "pending", 100);
+    store
+        .insert_jobs(std::slice::from_ref(&plain))
+        .await
+        .unwrap();
+    let got = store.job("jb_2").await.unwrap().expect("jb_2");
+    assert_eq!(
+        job_fields(&got),
+        job_fields(&plain),
+        "{}: None fields",
+        b.name()
+    );
+    assert!(
+        store.job("jb_9").await.unwrap().is_none(),
+        "{}: unknown",
+        b.name()
+    );
+}
+
+async fn rollout_jobs_are_in_creation_order_and_recent_jobs_newest_first(b: &Backend) {
+    let store = b.open().await;
+    let jobs = [
+        job("jb_c", "agt_1", "pending", 200),
+        job("jb_b", "agt_2", "pending", 100),
+        job("jb_a", "agt_1", "pending", 200),
+        JobRecord {
+            rollout_id: "ro_2".into(),
+            ..job("jb_d", "agt_1", "pending", 300)
+        },
+        job("jb_e", "agt_1", "done", 50),
+    ];
+    store.insert_jobs(&jobs).await.unwrap();
+    assert_eq!(
+        ids(&store.rollout_jobs("ro_1").await.unwrap()),
+        ["jb_e", "jb_b", "jb_a", "jb_c"],
+        "{}: rollout jobs by created_at, then id",
+        b.name()
+    );
+    assert_eq!(
+        ids(&store.recent_jobs("agt_1", 3).await.unwrap()),
+        ["jb_d", "jb_c", "jb_a"],
+        "{}: recent jobs newest first, limited",
+        b.name()
+    );
+    assert!(
+        store.recent_jobs("agt_9", 3).await.unwrap().is_empty(),
+        "{}",
+        b.name()
+    );
+}
+
+async fn duplicate_job_id_is_an_error_and_inserts_nothing(b: &Backend) {
+    let store = b.open().await;
+    store
+        .insert_jobs(&[job("jb_1", "agt_1", "pending", 100)])
+        .await
+        .unwrap();
+    let batch = [
+        job("jb_2", "agt_1", "pending", 100),
+        job("jb_1", "agt_1", "pending", 100),
+    ];
+    assert!(
+        store.insert_jobs(&batch).await.is_err(),
+        "{}: a duplicate job id was accepted",
+        b.name()
+    );
+    assert!(
+        store.job("jb_2").await.unwrap().is_none(),
+        "{}: the batch is one transaction",
+        b.name()
+    );
+}
+
+async fn jobs_to_send_are_pending_unexpired_jobs_of_the_given_agents_oldest_first(b: &Backend) {
+    let store = b.open().await;
+    let jobs = [
+        job("jb_p2", "agt_1", "pending", 200),
+        job("jb_p1", "agt_1", "pending", 100),
+        job("jb_s", "agt_1", "sent", 150),
+        job("jb_q", "agt_1", "queued", 50),
+        job("jb_r", "agt_1", "running", 50),
+        job("jb_d", "agt_1", "done", 50),
+        JobRecord {
+            expires_at_ms: 5_000,
+            ..job("jb_x", "agt_1", "pending", 60)
+        },
+        job("jb_o", "agt_2", "pending", 10),
+        job("jb_t", "agt_3", "pending", 120),
+    ];
+    store.insert_jobs(&jobs).await.unwrap();
+    let agents = ["agt_1".to_owned(), "agt_3".to_owned()];
+    assert_eq!(
+        ids(&store.jobs_to_send(&agents, false, 5_000).await.unwrap()),
+        ["jb_p1", "jb_t", "jb_p2"],
+        "{}: pending, at expiry excluded",
+        b.name()
+    );
+    assert_eq!(
+        ids(&store.jobs_to_send(&agents, true, 4_999).await.unwrap()),
+        ["jb_x", "jb_p1", "jb_t", "jb_s", "jb_p2"],
+        "{}: with sent, before expiry",
+        b.name()
+    );
+    assert!(
+        store.jobs_to_send(&[], true, 0).await.unwrap().is_empty(),
+        "{}: no agents",
+        b.name()
+    );
+}
+
+async fn jobs_to_send_takes_thousands_of_agent_ids(b: &Backend) {
+    let store = b.open().await;
+    let jobs: Vec<JobRecord> = (0..1_600)
+        .map(|i| job(&format!("jb_{i:04}"), &format!("agt_{i:04}"), "pending", i))
+        .collect();
+    store.insert_jobs(&jobs).await.unwrap();
+    // Every other agent, 1500 ids in all, most of them without jobs.
+    let agents: Vec<String> = (0..3_000)
+        .step_by(2)
+        .map(|i| format!("agt_{i:04}"))
+        .collect();
+    let got = ids(&store.jobs_to_send(&agents, false, 0).await.unwrap());
+    let expected: Vec<String> = (0..1_600)
+        .step_by(2)
+        .map(|i| format!("jb_{i:04}"))
+        .collect();
+    assert_eq!(got, expected, "{}", b.name());
+}
+
+async fn release_jobs_moves_the_oldest_queued_jobs_up_to_count(b: &Backend) {
+    let store = b.open().await;
+    let jobs = [
+        job("jb_3", "agt_1", "queued", 300),
+        job("jb_1b", "agt_2", "queued", 100),
+        job("jb_1a", "agt_3", "queued", 100),
+        job("jb_2", "agt_4", "queued", 200),
+        job("jb_0", "agt_5", "pending", 10),
+        JobRecord {
+            rollout_id: "ro_2".into(),
+            ..job("jb_other", "agt_6", "queued", 1)
+        },
+    ];
+    store.insert_jobs(&jobs).await.unwrap();
+    let first = store.release_jobs("ro_1", 2, 7_000).await.unwrap();
+    assert_eq!(
+        ids(&first),
+        ["jb_1a", "jb_1b"],
+        "{}: the two oldest",
+        b.name()
+    );
+    assert!(
+        first
+            .iter()
+            .all(|j| j.state == "pending" && j.updated_at_ms == 7_000),
+        "{}: returned as released: {first:?}",
+        b.name()
+    );
+    let stored = store.job("jb_1a").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state.as_str(), stored.updated_at_ms),
+        ("pending", 7_000),
+        "{}",
+        b.name()
+    );
+    let zero = store.release_jobs("ro_1", 0, 7_500).await.unwrap();
+    assert!(zero.is_empty(), "{}: count 0", b.name());
+    let rest = store.release_jobs("ro_1", 10, 8_000).await.unwrap();
+    assert_eq!(
+        ids(&rest),
+        ["jb_2", "jb_3"],
+        "{}: the rest, never a job twice",
+        b.name()
+    );
+    assert!(
+        store
+            .release_jobs("ro_1", 10, 9_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{}: nothing left",
+        b.name()
+    );
+    assert_eq!(
+        store.job("jb_other").await.unwrap().unwrap().state,
+        "queued",
+        "{}: another rollout's job",
+        b.name()
+    );
+}
+
+async fn concurrent_releases_never_release_a_job_twice(b: &Backend) {
+    let stores = [b.open().await, b.open().await];
+    let jobs: Vec<JobRecord> = (0..60)
+        .map(|i| job(&format!("jb_{i:02}"), &format!("agt_{i}"), "queued", i))
+        .collect();
+    stores[0].insert_jobs(&jobs).await.unwrap();
+    let releasers: Vec<_> = (0..6)
+        .map(|r| {
+            let store = stores[r % 2].clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for _ in 0..20 {
+                    let batch = store.release_jobs("ro_1", 2, 5_000).await.unwrap();
+                    mine.extend(batch.into_iter().map(|j| j.id));
+                    tokio::task::yield_now().await;
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut released = Vec::new();
+    for r in releasers {
+        released.extend(r.await.unwrap());
+    }
+    let distinct: HashSet<&String> = released.iter().collect();
+    assert_eq!(
+        (released.len(), distinct.len()),
+        (60, 60),
+        "{}: releases and distinct jobs released",
+        b.name()
+    );
+}
+
+async fn update_jobs_replaces_some_fields_keeps_none_and_ignores_final_and_foreign_jobs(
+    b: &Backend,
+) {
+    let store = b.open().await;
+    let jobs = [
+        JobRecord {
+            rule: Some("r0".into()),
+            truncated: true,
+            ..job("jb_1", "agt_1", "sent", 100)
+        },
+        job("jb_2", "agt_1", "expired", 100),
+        job("jb_3", "agt_1", "sent", 100),
+        job("jb_4", "agt_1", "running", 100),
+    ];
+    store.insert_jobs(&jobs).await.unwrap();
+    store
+        .update_jobs(&[
+            JobChange {
+                reason: Some("needs approval".into()),
+                approver: Some("nurse".into()),
+                ..change("jb_1", "awaiting_approval", 200)
+            },
+            JobChange {
+                summary: Some("late".into()),
+                ..change("jb_2", "done", 210)
+            },
+            JobChange {
+                summary: Some("3 files".into()),
+                digest: Some("d1".into()),
+                truncated: Some(false),
+                ..change("jb_3", "done", 220)
+            },
+            // jb_3 is final now: a later change in the same batch is ignored as well.
+            change("jb_3", "failed", 230),
+            change("jb_9", "done", 240),
+            // Another agent cannot report on agt_1's job.
+            JobChange {
+                agent_id: "agt_2".into(),
+                summary: Some("not mine".into()),
+                ..change("jb_4", "failed", 250)
+            },
+        ])
+        .await
+        .unwrap();
+    let j1 = store.job("jb_1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            j1.state.as_str(),
+            j1.rule.as_deref(),
+            j1.reason.as_deref(),
+            j1.approver.as_deref(),
+            j1.truncated,
+            j1.updated_at_ms
+        ),
+        (
+            "awaiting_approval",
+            Some("r0"),
+            Some("needs approval"),
+            Some("nurse"),
+            true,
+            200
+        ),
+        "{}: jb_1",
+        b.name()
+    );
+    let j2 = store.job("jb_2").await.unwrap().unwrap();
+    assert_eq!(
+        (j2.state.as_str(), j2.summary.as_deref(), j2.updated_at_ms),
+        ("expired", None, 100),
+        "{}: a final job is left alone",
+        b.name()
+    );
+    let j3 = store.job("jb_3").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            j3.state.as_str(),
+            j3.summary.as_deref(),
+            j3.digest.as_deref(),
+            j3.truncated,
+            j3.updated_at_ms
+        ),
+        ("done", Some("3 files"), Some("d1"), false, 220),
+        "{}: jb_3",
+        b.name()
+    );
+    let j4 = store.job("jb_4").await.unwrap().unwrap();
+    assert_eq!(
+        (j4.state.as_str(), j4.summary.as_deref(), j4.updated_at_ms),
+        ("running", None, 100),
+        "{}: another agent's change is ignored",
+        b.name()
+    );
+    // Every final state stops changes.
+    for (i, state) in [
+        "done",
+        "failed",
+        "refused",
+        "denied",
+        "expired",
+        "cancelled",
+        "skipped",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("jb_final_{i}");
+        store
+            .insert_jobs(&[job(&id, "agt_1", state, 100)])
+            .await
+            .unwrap();
+        store
+            .update_jobs(&[change(&id, "running", 300)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.job(&id).await.unwrap().unwrap().state,
+            state,
+            "{}: {state} is final",
+            b.name()
+        );
+    }
+}
+
+async fn request_cancel_marks_open_jobs_only_and_jobs_to_cancel_lists_them(b: &Backend) {
+    let store = b.open().await;
+    let jobs = [
+        job("jb_run", "agt_1", "running", 100),
+        job("jb_wait", "agt_1", "awaiting_approval", 50),
+        job("jb_done", "agt_1", "done", 100),
+        job("jb_other", "agt_2", "sent", 100),
+    ];
+    store.insert_jobs(&jobs).await.unwrap();
+    assert!(
+        store.request_cancel("jb_run", 500).await.unwrap(),
+        "{}: running",
+        b.name()
+    );
+    assert!(
+        store.request_cancel("jb_wait", 500).await.unwrap(),
+        "{}: awaiting approval",
+        b.name()
+    );
+    assert!(
+        store.request_cancel("jb_other", 500).await.unwrap(),
+        "{}: other agent",
+        b.name()
+    );
+    assert!(
+        !store.request_cancel("jb_done", 500).await.unwrap(),
+        "{}: a final job",
+        b.name()
+    );
+    assert!(
+        !store.request_cancel("jb_nope", 500).await.unwrap(),
+        "{}: unknown",
+        b.name()
+    );
+    let run = store.job("jb_run").await.unwrap().unwrap();
+    assert!(run.cancel_requested, "{}", b.name());
+    assert!(
+        !store
+            .job("jb_done")
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested,
+        "{}: the final job is unmarked",
+        b.name()
+    );
+    assert_eq!(
+        ids(&store.jobs_to_cancel(&["agt_1".to_owned()]).await.unwrap()),
+        ["jb_wait", "jb_run"],
+        "{}",
+        b.name()
+    );
+    store
+        .update_jobs(&[change("jb_run", "cancelled", 600)])
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&store
+            .jobs_to_cancel(&["agt_1".to_owned(), "agt_2".to_owned()])
+            .await
+            .unwrap()),
+        ["jb_wait", "jb_other"],
+        "{}: once final, no longer listed",
+        b.name()
+    );
+}
+
+async fn job_output_skips_duplicates_and_pages_in_order(b: &Backend) {
+    let store = b.open().await;
+    store
+        .append_job_output(&[chunk("jb_1", 2, "two"), chunk("jb_1", 1, "one")])
+        .await
+        .unwrap();
+    store
+        .append_job_output(&[
+            chunk("jb_1", 2, "TWO AGAIN"),
+            chunk("jb_1", 3, "three\u{0}nul ☃"),
+            chunk("jb_2", 1, "other job"),
+        ])
+        .await
+        .unwrap();
+    let all = store.job_output("jb_1", 0, 100).await.unwrap();
+    let got: Vec<(String, i64, String)> =
+        all.into_iter().map(|c| (c.job_id, c.seq, c.data)).collect();
+    assert_eq!(
+        got,
+        [
+            ("jb_1", 1, "one"),
+            ("jb_1", 2, "two"),
+            ("jb_1", 3, "three\u{0}nul ☃")
+        ]
+        .map(|(j, s, d)| (j.to_owned(), s, d.to_owned())),
+        "{}: the first copy of a seq is kept",
+        b.name()
+    );
+    let page: Vec<i64> = store
+        .job_output("jb_1", 1, 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(page, [2], "{}: after 1, limit 1", b.name());
+    assert!(
+        store.job_output("jb_1", 3, 10).await.unwrap().is_empty(),
+        "{}: after the last",
+        b.name()
+    );
+}
+
+// ---- audit mirror ----
+
+async fn mirror_state_is_empty_for_an_unknown_agent(b: &Backend) {
+    let store = b.open().await;
+    let state = store.mirror_state("agt_1").await.unwrap();
+    assert_eq!(
+        (
+            state.last_seq,
+            state.last_hash.as_str(),
+            state.problem,
+            state.problem_at_ms
+        ),
+        (0, "", None, None),
+        "{}",
+        b.name()
+    );
+    assert!(
+        store.audit_lines("agt_1", 10).await.unwrap().is_empty(),
+        "{}",
+        b.name()
+    );
+}
+
+async fn audit_lines_are_kept_once_and_move_the_mirror_position(b: &Backend) {
+    let store = b.open().await;
+    store
+        .append_audit_lines("agt_1", &[line(1, 100), line(2, 100)])
+        .await
+        .unwrap();
+    let state = store.mirror_state("agt_1").await.unwrap();
+    assert_eq!(
+        (state.last_seq, state.last_hash.as_str()),
+        (2, "h2"),
+        "{}",
+        b.name()
+    );
+    let resent = MirroredLine {
+        line: "changed".into(),
+        ..line(2, 200)
+    };
+    store
+        .append_audit_lines("agt_1", &[resent, line(3, 200)])
+        .await
+        .unwrap();
+    store
+        .append_audit_lines("agt_2", &[line(1, 300)])
+        .await
+        .unwrap();
+    store.append_audit_lines("agt_1", &[]).await.unwrap();
+    let state = store.mirror_state("agt_1").await.unwrap();
+    assert_eq!(
+        (state.last_seq, state.last_hash.as_str()),
+        (3, "h3"),
+        "{}: after the second batch",
+        b.name()
+    );
+    let lines = store.audit_lines("agt_1", 10).await.unwrap();
+    let got: Vec<(u64, String, String, i64)> = lines
+        .into_iter()
+        .map(|l| (l.seq, l.hash, l.line, l.received_at_ms))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3, "h3", "{\"seq\":3}", 200),
+            (2, "h2", "{\"seq\":2}", 100),
+            (1, "h1", "{\"seq\":1}", 100)
+        ]
+        .map(|(s, h, l, r)| (s, h.to_owned(), l.to_owned(), r)),
+        "{}: newest first, the first copy kept",
+        b.name()
+    );
+    let limited: Vec<u64> = store
+        .audit_lines("agt_1", 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(limited, [3, 2], "{}: limit", b.name());
+    let big = 1u64 << 62;
+    store
+        .append_audit_lines("agt_3", &[line(big, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.mirror_state("agt_3").await.unwrap().last_seq,
+        big,
+        "{}: a large seq",
+        b.name()
+    );
+}
+
+async fn mirror_problem_is_set_and_cleared(b: &Backend) {
+    let store = b.open().await;
+    // A problem can be found before any line was accepted (the first batch forks).
+    store
+        .set_mirror_problem("agt_2", Some("gap before 5"), 400)
+        .await
+        .unwrap();
+    let state = store.mirror_state("agt_2").await.unwrap();
+    assert_eq!(
+        (
+            state.last_seq,
+            state.problem.as_deref(),
+            state.problem_at_ms
+        ),
+        (0, Some("gap before 5"), Some(400)),
+        "{}: no lines yet",
+        b.name()
+    );
+    store
+        .append_audit_lines("agt_1", &[line(1, 100)])
+        .await
+        .unwrap();
+    store
+        .set_mirror_problem("agt_1", Some("fork at 2"), 500)
+        .await
+        .unwrap();
+    store
+        .append_audit_lines("agt_1", &[line(2, 600)])
+        .await
+        .unwrap();
+    let state = store.mirror_state("agt_1").await.unwrap();
+    assert_eq!(
+        (
+            state.last_seq,
+            state.last_hash.as_str(),
+            state.problem.as_deref(),
+            state.problem_at_ms
+        ),
+        (2, "h2", Some("fork at 2"), Some(500)),
+        "{}: the problem stays while lines arrive",
+        b.name()
+    );
+    store.set_mirror_problem("agt_1", None, 700).await.unwrap();
+    let state = store.mirror_state("agt_1").await.unwrap();
+    assert_eq!(
+        (
+            state.last_seq,
+            state.last_hash.as_str(),
+            state.problem,
+            state.problem_at_ms
+        ),
+        (2, "h2", None, None),
+        "{}: cleared, position kept",
+        b.name()
+    );
+    store.set_mirror_problem("agt_9", None, 700).await.unwrap();
+    assert_eq!(
+        store.mirror_state("agt_9").await.unwrap().last_seq,
+        0,
+        "{}: clearing an unknown agent",
+        b.name()
+    );
+}
+
+// ---- access log ----
+
+async fn access_log_is_newest_first(b: &Backend) {
+    let store = b.open().await;
+    for (at, target) in [(100, "a"), (300, "b"), (200, "c"), (300, "d")] {
+        store
+            .record_access(&AccessRecord {
+                at_ms: at,
+                principal: "staff:alice@v".into(),
+                action: "audit.trail".into(),
+                target: target.into(),
+            })
+            .await
+            .unwrap();
+    }
+    let log = store.access_log(3).await.unwrap();
+    let got: Vec<(i64, &str)> = log.iter().map(|a| (a.at_ms, a.target.as_str())).collect();
+    assert_eq!(
+        got,
+        [(300, "d"), (300, "b"), (200, "c")],
+        "{}: newest first, later record first on a tie",
+        b.name()
+    );
+    assert_eq!(
+        (log[0].principal.as_str(), log[0].action.as_str()),
+        ("staff:alice@v", "audit.trail"),
+        "{}",
+        b.name()
+    );
+}
+
 // ---- PostgreSQL only ----
 
 mod postgres_only {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listen_jobs_hears_work_written_by_another_store() {
+        let Some(backend) =
+            Backend::postgres("postgres_only::listen_jobs_hears_work_written_by_another_store")
+        else {
+            return;
+        };
+        let listener = backend.open().await;
+        let writer = backend.open().await;
+        let mut heard = listener
+            .listen_jobs()
+            .await
+            .unwrap()
+            .expect("PostgreSQL has notifications");
+        // Queued jobs and final ones are no work for an agent's session: not notified.
+        writer
+            .insert_jobs(&[
+                job("jb_q", "agt_queued", "queued", 1),
+                job("jb_d", "agt_done", "done", 1),
+                job("jb_1", "agt_1", "pending", 2),
+                job("jb_2", "agt_1", "pending", 3),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(next_agent(&mut heard).await, "agt_1", "insert_jobs");
+        writer.release_jobs("ro_1", 5, 10).await.unwrap();
+        assert_eq!(next_agent(&mut heard).await, "agt_queued", "release_jobs");
+        writer.request_cancel("jb_2", 20).await.unwrap();
+        assert_eq!(next_agent(&mut heard).await, "agt_1", "request_cancel");
+        // Nothing else: one notification per agent and write, none for the done job.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), heard.recv())
+                .await
+                .is_err(),
+            "an unexpected notification"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listen_jobs_reconnects_after_losing_its_connection() {
+        let Some(Backend::Postgres(db)) =
+            Backend::postgres("postgres_only::listen_jobs_reconnects_after_losing_its_connection")
+        else {
+            return;
+        };
+        let store = PostgresStore::open(&db.url()).await.unwrap();
+        let mut heard = store.listen_jobs().await.unwrap().unwrap();
+        let killed = db.psql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        );
+        assert_eq!(killed, "1", "the listening connection");
+        // Notifications sent while it reconnects are lost (the hub sweeps for those), so
+        // keep writing until one is heard.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for i in 0.. {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing heard within 20 s of the connection being killed\n{}",
+                db.log_tail(20)
+            );
+            store
+                .insert_jobs(&[job(&format!("jb_{i}"), "agt_1", "pending", i)])
+                .await
+                .unwrap();
+            if let Ok(agent) = tokio::time::timeout(Duration::from_millis(500), heard.recv()).await
+            {
+                assert_eq!(agent.as_deref(), Some("agt_1"));
+                break;
+            }
+        }
+    }
+
+    async fn next_agent(heard: &mut tokio::sync::mpsc::Receiver<String>) -> String {
+        tokio::time::timeout(Duration::from_secs(5), heard.recv())
+            .await
+            .expect("a notification within 5 s")
+            .expect("the channel is open")
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hubs_opening_together_apply_each_migration_once() {
@@ -1025,7 +1958,7 @@ mod postgres_only {
             db.psql(
                 "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"
             ),
-            "1"
+            "1,2"
         );
     }
 
@@ -1195,4 +2128,113 @@ fn down_fields(d: &DownMessage) -> DownFields {
         d.updated_at_ms,
         d.payload.clone(),
     )
+}
+
+fn staff(name: &str, token_hash: &str) -> StaffRecord {
+    StaffRecord {
+        name: name.into(),
+        role: "support".into(),
+        token_hash: token_hash.into(),
+        created_at_ms: 1_000,
+        disabled_at_ms: None,
+    }
+}
+
+fn rollout(id: &str) -> RolloutRecord {
+    RolloutRecord {
+        id: id.into(),
+        staff: "alice@v".into(),
+        capability: "logs.tail".into(),
+        max_concurrency: 5,
+        error_threshold: None,
+        state: "running".into(),
+        created_at_ms: 1_000,
+        updated_at_ms: 1_000,
+    }
+}
+
+type RolloutFields = (String, String, String, u32, Option<u32>, String, i64, i64);
+
+fn rollout_fields(r: &RolloutRecord) -> RolloutFields {
+    (
+        r.id.clone(),
+        r.staff.clone(),
+        r.capability.clone(),
+        r.max_concurrency,
+        r.error_threshold,
+        r.state.clone(),
+        r.created_at_ms,
+        r.updated_at_ms,
+    )
+}
+
+/// A job of rollout `ro_1` expiring at 10 000.
+fn job(id: &str, agent_id: &str, state: &str, created_at_ms: i64) -> JobRecord {
+    JobRecord {
+        id: id.into(),
+        rollout_id: "ro_1".into(),
+        agent_id: agent_id.into(),
+        capability: "logs.tail".into(),
+        staff: "alice@v".into(),
+        args: "{}".into(),
+        signed_job: format!("{{\"id\":\"{id}\"}}"),
+        signature: format!("sig-{id}"),
+        state: state.into(),
+        rule: None,
+        reason: None,
+        summary: None,
+        digest: None,
+        truncated: false,
+        approver: None,
+        cancel_requested: false,
+        created_at_ms,
+        expires_at_ms: 10_000,
+        updated_at_ms: created_at_ms,
+    }
+}
+
+/// Every field, as JSON (the record's serialisation skips the signed job and signature).
+fn job_fields(j: &JobRecord) -> (serde_json::Value, String, String) {
+    (
+        serde_json::to_value(j).unwrap(),
+        j.signed_job.clone(),
+        j.signature.clone(),
+    )
+}
+
+fn ids(jobs: &[JobRecord]) -> Vec<String> {
+    jobs.iter().map(|j| j.id.clone()).collect()
+}
+
+/// A change reported by `agt_1`.
+fn change(id: &str, state: &str, at_ms: i64) -> JobChange {
+    JobChange {
+        id: id.into(),
+        agent_id: "agt_1".into(),
+        state: state.into(),
+        rule: None,
+        reason: None,
+        summary: None,
+        digest: None,
+        truncated: None,
+        approver: None,
+        at_ms,
+    }
+}
+
+fn chunk(job_id: &str, seq: i64, data: &str) -> JobChunk {
+    JobChunk {
+        job_id: job_id.into(),
+        seq,
+        data: data.into(),
+    }
+}
+
+fn line(seq: u64, received_at_ms: i64) -> MirroredLine {
+    MirroredLine {
+        seq,
+        hash: format!("h{seq}"),
+        line: format!("{{\"seq\":{seq}}}"),
+        received_at_ms,
+    }
 }

@@ -10,6 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+mod job;
+
+pub use job::{
+    claimed_job_id, sign_job, verify_job, JobSignatureError, JobSpec, JobState, SignedJob,
+    JOB_SIGNING_CONTEXT, MAX_JOB_BYTES,
+};
+
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +64,26 @@ pub enum HubToAgent {
         /// The message bytes.
         payload: Payload,
     },
+    /// Run this signed job (the agent checks it and its policy first).
+    Job {
+        /// The hub's id for this delivery, echoed in every update; a job the hub stores
+        /// under another id than its signed `job_id` is still reported under this one.
+        dispatch_id: String,
+        /// The [`JobSpec`] JSON, exactly as signed.
+        job: String,
+        /// Ed25519 signature over [`JOB_SIGNING_CONTEXT`] + `job`, hex.
+        signature: String,
+    },
+    /// Stop a job that is running or waiting for approval.
+    CancelJob {
+        /// The delivery to cancel.
+        dispatch_id: String,
+    },
+    /// Send your audit log entries after this sequence number (0: from the start).
+    AuditWanted {
+        /// The last entry the hub's mirror holds.
+        after_seq: u64,
+    },
 }
 
 /// Agent to hub.
@@ -97,6 +124,53 @@ pub enum AgentToHub {
         #[serde(default)]
         error: Option<String>,
     },
+    /// A job changed state.
+    JobUpdate(JobUpdate),
+    /// Part of a job's result, in order.
+    JobOutput {
+        /// From [`HubToAgent::Job`].
+        dispatch_id: String,
+        /// 1, 2, 3… per job.
+        seq: u64,
+        /// The text (JSON lines for structured results).
+        data: String,
+    },
+    /// Audit log lines, exactly as written, in order.
+    AuditLines {
+        /// The lines, without newlines.
+        lines: Vec<String>,
+    },
+}
+
+/// A job's new state, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    /// From [`HubToAgent::Job`].
+    pub dispatch_id: String,
+    /// The job id as signed, when the job could be read.
+    #[serde(default)]
+    pub job_id: Option<String>,
+    /// The new state.
+    pub state: JobState,
+    /// The policy rule or check that decided it (`signature`, `expiry`, `replay`,
+    /// `agent-id`, `allow.health`, `default-deny`…).
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Why, for people.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// A short, PHI-free summary of the result.
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// SHA-256 of the whole output, hex.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Whether the output was cut at the size limit.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Who approved or denied it locally.
+    #[serde(default)]
+    pub approver: Option<String>,
 }
 
 /// One queue item travelling up.
@@ -222,6 +296,10 @@ pub struct EnrollResponse {
     pub agent_id: String,
     /// The site name given when the token was made.
     pub name: String,
+    /// The hub's job key (Ed25519 public key, hex): the agent pins it and accepts jobs
+    /// signed by it only.
+    #[serde(default)]
+    pub job_key: String,
 }
 
 /// An error body: what every failing hub endpoint returns.

@@ -299,6 +299,34 @@ impl Hub {
         key
     }
 
+    /// `outpost hub staff add <name> --role <role>`: the staff member's token.
+    pub fn staff(&self, name: &str, role: &str) -> String {
+        let token = self
+            .cli_ok(&["staff", "add", name, "--role", role])
+            .trim()
+            .to_owned();
+        assert!(
+            token.starts_with("ops_"),
+            "`staff add` printed {token:?}, expected a token starting with ops_"
+        );
+        token
+    }
+
+    /// `outpost job …` against this hub as the staff member with `token`, e.g.
+    /// `["run", "--agent", id, "health"]`.
+    pub fn job_cli(&self, token: &str, args: &[&str]) -> Output {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("job")
+            .args(args)
+            .env("OUTPOST_HUB", self.url())
+            .env("OUTPOST_STAFF_TOKEN", token)
+            .env("OUTPOST_HUB_CA", self.ca_path());
+        command
+            .output()
+            .unwrap_or_else(|err| panic!("running outpost job: {err}"))
+    }
+
     /// `outpost hub agent revoke <id>`; panics unless it succeeds. Returns its stdout.
     pub fn revoke(&self, agent_id: &str) -> String {
         self.cli_ok(&["agent", "revoke", agent_id])

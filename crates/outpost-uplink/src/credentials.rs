@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use outpost_proto::{EnrollRequest, EnrollResponse, ErrorBody};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,9 @@ pub struct Credentials {
     pub hub_url: String,
     /// The signing key.
     pub key: SigningKey,
+    /// The hub's job key, pinned at enrollment; None for an agent enrolled with a hub
+    /// that had none (it then refuses every job).
+    pub job_key: Option<VerifyingKey>,
     /// TLS settings with the pinned CA (or the public roots).
     pub tls: Arc<rustls::ClientConfig>,
 }
@@ -38,6 +41,9 @@ struct Record {
     hub_url: String,
     /// Whether `hub-ca.pem` pins the hub's CA; otherwise the public roots are used.
     pinned_ca: bool,
+    /// The hub's job key (hex), pinned at enrollment.
+    #[serde(default)]
+    job_key: Option<String>,
 }
 
 impl Credentials {
@@ -67,11 +73,21 @@ impl Credentials {
                     problem: format!("expected a 32-byte key, found {} bytes", bytes.len()),
                 })?;
         let ca = record.pinned_ca.then(|| data_dir.join(HUB_CA_FILE));
+        let job_key = match record.job_key.as_deref() {
+            None | Some("") => None,
+            Some(hex_key) => Some(parse_job_key(hex_key).ok_or_else(|| {
+                UplinkError::BadCredentials {
+                    path: record_path.display().to_string(),
+                    problem: "job_key is not an Ed25519 public key in hex".into(),
+                }
+            })?),
+        };
         Ok(Self {
             agent_id: record.agent_id,
             name: record.name,
             hub_url: record.hub_url,
             key: SigningKey::from_bytes(&seed),
+            job_key,
             tls: client_tls(ca.as_deref())?,
         })
     }
@@ -151,10 +167,16 @@ pub async fn enroll(
         name: enrolled.name.clone(),
         hub_url,
         pinned_ca: ca_file.is_some(),
+        job_key: Some(enrolled.job_key.clone()).filter(|key| parse_job_key(key).is_some()),
     };
     let text = serde_json::to_string_pretty(&record).unwrap_or_default();
     std::fs::write(&record_path, text).map_err(|source| io(&record_path, source))?;
     Ok(enrolled)
+}
+
+fn parse_job_key(hex_key: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex_key).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
 }
 
 /// TLS 1.3 client settings trusting only `ca_file` when given, else the public roots.

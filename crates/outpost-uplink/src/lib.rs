@@ -95,6 +95,37 @@ pub struct DownRequest {
     pub payload: Vec<u8>,
 }
 
+/// What the hub sends the agent, besides acknowledgements.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A message for one of the agent's sinks.
+    Down(DownRequest),
+    /// A signed job, not yet checked.
+    Job {
+        /// The hub's delivery id, echoed in every update.
+        dispatch_id: String,
+        /// The job and its signature, as received.
+        job: outpost_proto::SignedJob,
+    },
+    /// Stop a job.
+    CancelJob {
+        /// The delivery to stop.
+        dispatch_id: String,
+    },
+    /// The hub's audit mirror holds entries up to `after_seq`; send the rest.
+    AuditWanted {
+        /// The last entry the hub holds.
+        after_seq: u64,
+        /// The session that asked.
+        session: u64,
+    },
+    /// A session ended (whatever was being sent on it must be sent again).
+    SessionEnded {
+        /// The session number from [`LinkState::Up`].
+        session: u64,
+    },
+}
+
 /// Whether the session is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
@@ -158,6 +189,15 @@ impl UplinkHandle {
             let _ = request.stored.send(Err(UplinkError::SessionLost));
         }
         receiver
+    }
+
+    /// Sends a message to the hub, waiting while the link is busy; fails only when the
+    /// uplink has stopped. A message queued while no session is up is sent on the next one.
+    pub async fn send(&self, message: AgentToHub) -> Result<(), UplinkError> {
+        self.control
+            .send(message)
+            .await
+            .map_err(|_| UplinkError::SessionLost)
     }
 
     /// Reports what became of a message the hub sent down (queued, delivered, dead).

@@ -17,7 +17,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Credentials, DataRequest, DownRequest, InventorySource, LinkState, UplinkError, UplinkHandle,
+    Credentials, DataRequest, DownRequest, Inbound, InventorySource, LinkState, UplinkError,
+    UplinkHandle,
 };
 
 /// Batches sent but not yet acknowledged, at most: enough to keep the link busy while the
@@ -41,7 +42,7 @@ impl Uplink {
     pub fn start(
         credentials: Credentials,
         inventory: InventorySource,
-        downs: mpsc::Sender<DownRequest>,
+        inbound: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
     ) -> UplinkHandle {
         let (data, data_rx) = mpsc::channel(WINDOW * 2);
@@ -50,7 +51,7 @@ impl Uplink {
         let link = Link {
             credentials,
             inventory,
-            downs,
+            inbound,
             data_rx,
             control_rx,
             state: state_tx,
@@ -68,7 +69,7 @@ impl Uplink {
 struct Link {
     credentials: Credentials,
     inventory: InventorySource,
-    downs: mpsc::Sender<DownRequest>,
+    inbound: mpsc::Sender<Inbound>,
     data_rx: mpsc::Receiver<DataRequest>,
     control_rx: mpsc::Receiver<AgentToHub>,
     state: watch::Sender<LinkState>,
@@ -104,6 +105,7 @@ impl Link {
                     tracing::info!(hub = %self.credentials.hub_url, agent_id = %self.credentials.agent_id, clock_skew_ms = skew_ms, "connected to the hub");
                     self.state.send_replace(LinkState::Up(session));
                     let reason = self.serve(socket, session, heartbeat).await;
+                    let _ = self.inbound.try_send(Inbound::SessionEnded { session });
                     if self.shutdown.is_cancelled() {
                         tracing::info!(reason, "hub session ended");
                     } else {
@@ -210,7 +212,7 @@ impl Link {
                         None => break "hub closed the connection".to_owned(),
                         Some(Err(err)) => break format!("connection error: {err}"),
                         Some(Ok(Message::Text(text))) => match outpost_proto::decode::<HubToAgent>(&text) {
-                            Ok(message) => match self.on_message(message, &mut in_flight).await {
+                            Ok(message) => match self.on_message(message, session, &mut in_flight).await {
                                 Ok(()) => None,
                                 Err(reason) => break reason,
                             },
@@ -264,6 +266,7 @@ impl Link {
     async fn on_message(
         &mut self,
         message: HubToAgent,
+        session: u64,
         in_flight: &mut InFlight,
     ) -> Result<(), String> {
         match message {
@@ -286,9 +289,22 @@ impl Link {
                     sink,
                     payload: payload.0,
                 };
-                if self.downs.send(request).await.is_err() {
-                    return Err("the agent is not taking messages from the hub".into());
-                }
+                self.pass_on(Inbound::Down(request)).await?;
+            }
+            HubToAgent::Job {
+                dispatch_id,
+                job,
+                signature,
+            } => {
+                let job = outpost_proto::SignedJob { job, signature };
+                self.pass_on(Inbound::Job { dispatch_id, job }).await?;
+            }
+            HubToAgent::CancelJob { dispatch_id } => {
+                self.pass_on(Inbound::CancelJob { dispatch_id }).await?;
+            }
+            HubToAgent::AuditWanted { after_seq } => {
+                self.pass_on(Inbound::AuditWanted { after_seq, session })
+                    .await?;
             }
             HubToAgent::Refused { reason } => {
                 return Err(format!("hub ended the session: {reason}"))
@@ -298,6 +314,15 @@ impl Link {
             }
         }
         Ok(())
+    }
+}
+
+impl Link {
+    async fn pass_on(&self, message: Inbound) -> Result<(), String> {
+        self.inbound
+            .send(message)
+            .await
+            .map_err(|_| "the agent is not taking messages from the hub".to_owned())
     }
 }
 
@@ -329,6 +354,9 @@ fn kind_of(message: &HubToAgent) -> &'static str {
         HubToAgent::Refused { .. } => "refused",
         HubToAgent::Stored { .. } => "stored",
         HubToAgent::Deliver { .. } => "deliver",
+        HubToAgent::Job { .. } => "job",
+        HubToAgent::CancelJob { .. } => "cancel_job",
+        HubToAgent::AuditWanted { .. } => "audit_wanted",
     }
 }
 

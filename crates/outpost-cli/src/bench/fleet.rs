@@ -127,6 +127,7 @@ async fn measure(
                 name: agent_id.clone(),
                 hub_url: format!("https://{addr}"),
                 key: key.clone(),
+                job_key: None,
                 tls: outpost_uplink::client_tls(Some(&ca))?,
             };
             let counter = heartbeats.clone();

@@ -22,6 +22,7 @@ use crate::samples;
 const PYTHON_PEER: &str = include_str!("../../../../peers/pyhl7_mllp_server.py");
 
 mod fleet;
+mod jobs;
 mod uplink;
 
 /// When each message was sent, by control id, for end-to-end latency.
@@ -54,6 +55,13 @@ pub enum BenchTarget {
     },
     /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
     /// the data API.
+    /// Support jobs: one `health` job fanned out to N simulated agents (real uplinks and
+    /// job runners in this process), jobs/s for one agent, and the agent-side check cost.
+    Jobs {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+    },
     Uplink {
         /// Messages to send.
         #[arg(long, default_value_t = 20_000)]
@@ -80,6 +88,7 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             agents,
             heartbeat_secs,
         } => fleet::run(agents, heartbeat_secs).await,
+        BenchTarget::Jobs { agents } => jobs::run(agents).await,
     }
 }
 

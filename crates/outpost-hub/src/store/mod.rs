@@ -140,6 +140,164 @@ pub struct NewMessage {
     pub payload: Vec<u8>,
 }
 
+/// A staff member of the vendor: who signs jobs and looks at PHI.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct StaffRecord {
+    /// Unique name, e.g. `alice@vendor.example`.
+    pub name: String,
+    /// `support` or `admin`.
+    pub role: String,
+    /// SHA-256 of the personal token (see `secrets::hash_secret`); never shown.
+    #[serde(skip)]
+    pub token_hash: String,
+    /// When it was made (unix ms).
+    pub created_at_ms: i64,
+    /// When it was disabled, if it was.
+    pub disabled_at_ms: Option<i64>,
+}
+
+/// A fan-out of one job to many agents.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RolloutRecord {
+    /// Its id.
+    pub id: String,
+    /// The staff member who submitted it.
+    pub staff: String,
+    /// The capability.
+    pub capability: String,
+    /// At most this many jobs released and unfinished at once.
+    pub max_concurrency: u32,
+    /// The rollout halts once more than this many jobs have failed (None: never).
+    pub error_threshold: Option<u32>,
+    /// `running`, `done`, `halted`.
+    pub state: String,
+    /// When it was submitted (unix ms).
+    pub created_at_ms: i64,
+    /// Last change (unix ms).
+    pub updated_at_ms: i64,
+}
+
+/// One job for one agent, as the hub keeps it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobRecord {
+    /// The delivery id (the signed job's id, except for rows made by hand).
+    pub id: String,
+    /// The rollout it belongs to.
+    pub rollout_id: String,
+    /// The agent.
+    pub agent_id: String,
+    /// The capability.
+    pub capability: String,
+    /// The staff member who asked.
+    pub staff: String,
+    /// The arguments (JSON text).
+    pub args: String,
+    /// The signed [`outpost_proto::JobSpec`] JSON, exactly as signed; not serialised.
+    #[serde(skip)]
+    pub signed_job: String,
+    /// The hub's signature over it, hex; not serialised.
+    #[serde(skip)]
+    pub signature: String,
+    /// A [`outpost_proto::JobState`] name.
+    pub state: String,
+    /// The rule or check behind the state.
+    pub rule: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// A short summary of the result.
+    pub summary: Option<String>,
+    /// SHA-256 of the whole output, hex.
+    pub digest: Option<String>,
+    /// Whether the output was cut at the agent's size limit.
+    pub truncated: bool,
+    /// Who approved or denied it at the practice.
+    pub approver: Option<String>,
+    /// Whether someone asked to cancel it.
+    pub cancel_requested: bool,
+    /// When it was made (unix ms).
+    pub created_at_ms: i64,
+    /// When it expires (unix ms).
+    pub expires_at_ms: i64,
+    /// Last change (unix ms).
+    pub updated_at_ms: i64,
+}
+
+/// A state change for one job.
+#[derive(Debug, Clone)]
+pub struct JobChange {
+    /// The job (delivery id).
+    pub id: String,
+    /// The agent that must own the job: a change naming another agent's job is ignored,
+    /// so one agent can never report on another's jobs.
+    pub agent_id: String,
+    /// The new state name.
+    pub state: String,
+    /// Fields that are `Some` replace the stored ones; `None` keeps them.
+    pub rule: Option<String>,
+    /// See `rule`.
+    pub reason: Option<String>,
+    /// See `rule`.
+    pub summary: Option<String>,
+    /// See `rule`.
+    pub digest: Option<String>,
+    /// Replaces the stored flag when `Some`.
+    pub truncated: Option<bool>,
+    /// See `rule`.
+    pub approver: Option<String>,
+    /// When (unix ms).
+    pub at_ms: i64,
+}
+
+/// A piece of a job's output.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobChunk {
+    /// The job (delivery id).
+    pub job_id: String,
+    /// 1, 2, 3…
+    pub seq: i64,
+    /// The text.
+    pub data: String,
+}
+
+/// Where an agent's audit mirror stands.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct MirrorState {
+    /// The last entry accepted (0: none).
+    pub last_seq: u64,
+    /// Its line hash (empty: none).
+    pub last_hash: String,
+    /// A gap, fork or bad signature found on receipt; stays until someone looks.
+    pub problem: Option<String>,
+    /// When the problem was found (unix ms).
+    pub problem_at_ms: Option<i64>,
+}
+
+/// One line of an agent's mirrored audit log.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct MirroredLine {
+    /// Its sequence number.
+    pub seq: u64,
+    /// SHA-256 of the line, hex.
+    pub hash: String,
+    /// The line, exactly as the agent wrote it.
+    pub line: String,
+    /// When the hub received it (unix ms).
+    pub received_at_ms: i64,
+}
+
+/// A record of someone looking at PHI or an audit trail on the hub.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AccessRecord {
+    /// When (unix ms).
+    pub at_ms: i64,
+    /// Who: `staff:NAME` or `app:KEYNAME`.
+    pub principal: String,
+    /// What: `message.payload`, `messages.payload`, `audit.trail`, `job.output`.
+    pub action: String,
+    /// Which: an agent id, message cursor, job id.
+    pub target: String,
+}
+
 /// Everything the hub keeps.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -206,4 +364,91 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<bool, HubError>;
+
+    /// Adds a staff member; returns false when the name is taken.
+    async fn insert_staff(&self, staff: &StaffRecord) -> Result<bool, HubError>;
+    /// The enabled staff member whose token hashes to this.
+    async fn staff_by_token(&self, token_hash: &str) -> Result<Option<StaffRecord>, HubError>;
+    /// Every staff member, by name.
+    async fn staff(&self) -> Result<Vec<StaffRecord>, HubError>;
+    /// The hub's job signing key seed: stores `candidate` if there is none yet and returns
+    /// the stored one, so every hub process over one database signs with the same key.
+    async fn job_key_seed(&self, candidate: &[u8; 32]) -> Result<[u8; 32], HubError>;
+    /// Records a rollout.
+    async fn insert_rollout(&self, rollout: &RolloutRecord) -> Result<(), HubError>;
+    /// One rollout.
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, HubError>;
+    /// Changes a rollout's state.
+    async fn set_rollout_state(&self, id: &str, state: &str, now_ms: i64) -> Result<(), HubError>;
+    /// Records jobs, in one transaction. On PostgreSQL, also notifies every hub process
+    /// (`NOTIFY outpost_jobs, '<agent id>'`) for jobs in state `pending`.
+    async fn insert_jobs(&self, jobs: &[JobRecord]) -> Result<(), HubError>;
+    /// One job.
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, HubError>;
+    /// The jobs of a rollout, in creation order.
+    async fn rollout_jobs(&self, rollout_id: &str) -> Result<Vec<JobRecord>, HubError>;
+    /// An agent's newest jobs, newest first.
+    async fn recent_jobs(&self, agent_id: &str, limit: usize) -> Result<Vec<JobRecord>, HubError>;
+    /// Jobs of these agents to send now: state `pending` (and `sent` too when
+    /// `include_sent`, for a session that just started), not expired, oldest first.
+    async fn jobs_to_send(
+        &self,
+        agent_ids: &[String],
+        include_sent: bool,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>, HubError>;
+    /// Jobs of these agents with a cancel request that are not final.
+    async fn jobs_to_cancel(&self, agent_ids: &[String]) -> Result<Vec<JobRecord>, HubError>;
+    /// Moves `queued` jobs of a rollout to `pending`, at most `count`, oldest first;
+    /// returns the released ones. On PostgreSQL, notifies as [`Store::insert_jobs`].
+    async fn release_jobs(
+        &self,
+        rollout_id: &str,
+        count: usize,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>, HubError>;
+    /// Applies state changes, in one transaction. A change to a job already in a final
+    /// state is ignored (an agent's late report cannot undo `expired` or `skipped`).
+    async fn update_jobs(&self, changes: &[JobChange]) -> Result<(), HubError>;
+    /// Marks a job for cancellation; returns whether it exists and was not final.
+    /// On PostgreSQL, notifies as [`Store::insert_jobs`].
+    async fn request_cancel(&self, id: &str, now_ms: i64) -> Result<bool, HubError>;
+    /// Appends output pieces; a (job, seq) already stored is skipped.
+    async fn append_job_output(&self, chunks: &[JobChunk]) -> Result<(), HubError>;
+    /// Output pieces of a job after `after_seq`, in order, at most `limit`.
+    async fn job_output(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<JobChunk>, HubError>;
+    /// Where an agent's audit mirror stands.
+    async fn mirror_state(&self, agent_id: &str) -> Result<MirrorState, HubError>;
+    /// Stores accepted audit lines and the new mirror position, in one transaction.
+    async fn append_audit_lines(
+        &self,
+        agent_id: &str,
+        lines: &[MirroredLine],
+    ) -> Result<(), HubError>;
+    /// Records (or with `None` clears) a mirror problem.
+    async fn set_mirror_problem(
+        &self,
+        agent_id: &str,
+        problem: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), HubError>;
+    /// An agent's mirrored audit lines, newest first, at most `limit`.
+    async fn audit_lines(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<MirroredLine>, HubError>;
+    /// Records an access to PHI or an audit trail.
+    async fn record_access(&self, access: &AccessRecord) -> Result<(), HubError>;
+    /// The newest access records, newest first.
+    async fn access_log(&self, limit: usize) -> Result<Vec<AccessRecord>, HubError>;
+    /// Waits for job notifications from other hub processes: returns a channel of agent
+    /// ids with new work (pending jobs or cancel requests), or `None` where the backend
+    /// has no cross-process notifications (SQLite: one hub process only).
+    async fn listen_jobs(&self) -> Result<Option<tokio::sync::mpsc::Receiver<String>>, HubError>;
 }

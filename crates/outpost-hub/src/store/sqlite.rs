@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRecord, DownMessage, InventoryUpdate, MessageFilter, NewMessage, Store, StoredMessage,
-    TokenRefusal,
+    AccessRecord, AgentRecord, DownMessage, InventoryUpdate, JobChange, JobChunk, JobRecord,
+    MessageFilter, MirrorState, MirroredLine, NewMessage, RolloutRecord, StaffRecord, Store,
+    StoredMessage, TokenRefusal,
 };
 use crate::HubError;
 
@@ -38,7 +39,54 @@ CREATE TABLE IF NOT EXISTS downs (
     item_id INTEGER, error TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
     payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS downs_open ON downs(agent_id, state);
+CREATE TABLE IF NOT EXISTS staff (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL, disabled_at INTEGER);
+CREATE INDEX IF NOT EXISTS staff_by_token ON staff(token_hash);
+CREATE TABLE IF NOT EXISTS hub_keys (name TEXT PRIMARY KEY, seed BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, staff TEXT NOT NULL, capability TEXT NOT NULL,
+    max_concurrency INTEGER NOT NULL, error_threshold INTEGER, state TEXT NOT NULL,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, rollout_id TEXT NOT NULL, agent_id TEXT NOT NULL,
+    capability TEXT NOT NULL, staff TEXT NOT NULL, args TEXT NOT NULL, signed_job TEXT NOT NULL,
+    signature TEXT NOT NULL, state TEXT NOT NULL, rule TEXT, reason TEXT, summary TEXT,
+    digest TEXT, truncated INTEGER NOT NULL DEFAULT 0, approver TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_by_rollout ON jobs(rollout_id, state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_agent_state ON jobs(agent_id, state);
+CREATE INDEX IF NOT EXISTS jobs_by_agent_time ON jobs(agent_id, created_at);
+CREATE TABLE IF NOT EXISTS job_output (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job_id, seq));
+CREATE TABLE IF NOT EXISTS audit_mirror (
+    agent_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL,
+    problem TEXT, problem_at INTEGER);
+CREATE TABLE IF NOT EXISTS audit_lines (
+    agent_id TEXT NOT NULL, seq INTEGER NOT NULL, hash TEXT NOT NULL, line TEXT NOT NULL,
+    received_at INTEGER NOT NULL, PRIMARY KEY (agent_id, seq));
+CREATE TABLE IF NOT EXISTS access_log (
+    at INTEGER NOT NULL, principal TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS access_log_by_time ON access_log(at);
 ";
+
+/// The final job states as an SQL list; `final_states_match_the_protocol` checks it against
+/// `outpost_proto::JobState::is_final`. A macro so that `concat!` can build static SQL.
+macro_rules! final_states {
+    () => {
+        "('done', 'failed', 'refused', 'denied', 'expired', 'cancelled', 'skipped')"
+    };
+}
+
+/// The `jobs` columns in [`job_from_row`]'s order.
+macro_rules! job_fields {
+    () => {
+        "id, rollout_id, agent_id, capability, staff, args, signed_job, signature, state, rule, \
+         reason, summary, digest, truncated, approver, cancel_requested, created_at, expires_at, \
+         updated_at"
+    };
+}
 
 impl SqliteStore {
     /// Opens (creating) `hub.db` in `data_dir`.
@@ -123,6 +171,68 @@ fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
             base64::engine::general_purpose::STANDARD.encode(p)
         }),
     })
+}
+
+fn staff_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StaffRecord> {
+    Ok(StaffRecord {
+        name: r.get(0)?,
+        role: r.get(1)?,
+        token_hash: r.get(2)?,
+        created_at_ms: r.get(3)?,
+        disabled_at_ms: r.get(4)?,
+    })
+}
+
+fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRecord> {
+    Ok(RolloutRecord {
+        id: r.get(0)?,
+        staff: r.get(1)?,
+        capability: r.get(2)?,
+        max_concurrency: r.get(3)?,
+        error_threshold: r.get(4)?,
+        state: r.get(5)?,
+        created_at_ms: r.get(6)?,
+        updated_at_ms: r.get(7)?,
+    })
+}
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        id: r.get(0)?,
+        rollout_id: r.get(1)?,
+        agent_id: r.get(2)?,
+        capability: r.get(3)?,
+        staff: r.get(4)?,
+        args: r.get(5)?,
+        signed_job: r.get(6)?,
+        signature: r.get(7)?,
+        state: r.get(8)?,
+        rule: r.get(9)?,
+        reason: r.get(10)?,
+        summary: r.get(11)?,
+        digest: r.get(12)?,
+        truncated: r.get(13)?,
+        approver: r.get(14)?,
+        cancel_requested: r.get(15)?,
+        created_at_ms: r.get(16)?,
+        expires_at_ms: r.get(17)?,
+        updated_at_ms: r.get(18)?,
+    })
+}
+
+fn mirrored_line_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MirroredLine> {
+    Ok(MirroredLine {
+        seq: r.get::<_, i64>(0)? as u64,
+        hash: r.get(1)?,
+        line: r.get(2)?,
+        received_at_ms: r.get(3)?,
+    })
+}
+
+/// Agent id lists can hold thousands of ids, more than SQLite's parameter limit allows as
+/// `IN (?, ?, …)`; they go in as one JSON array read with `json_each`.
+fn json_list(ids: &[String]) -> String {
+    serde_json::Value::from(ids.to_vec()).to_string()
 }
 
 const AGENT_COLUMNS: &str = "SELECT id, name, public_key, hostname, enrolled_at, revoked_at, last_seen, inventory FROM agents";
@@ -411,5 +521,476 @@ impl Store for SqliteStore {
             .map(|n| n > 0)
         })
         .await
+    }
+
+    async fn insert_staff(&self, staff: &StaffRecord) -> Result<bool, HubError> {
+        let s = staff.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO staff (name, role, token_hash, created_at, disabled_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+                params![
+                    s.name,
+                    s.role,
+                    s.token_hash,
+                    s.created_at_ms,
+                    s.disabled_at_ms
+                ],
+            )
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn staff_by_token(&self, token_hash: &str) -> Result<Option<StaffRecord>, HubError> {
+        let hash = token_hash.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT name, role, token_hash, created_at, disabled_at FROM staff
+                 WHERE token_hash = ?1 AND disabled_at IS NULL ORDER BY name LIMIT 1",
+                [hash],
+                staff_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn staff(&self) -> Result<Vec<StaffRecord>, HubError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, role, token_hash, created_at, disabled_at FROM staff ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], staff_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn job_key_seed(&self, candidate: &[u8; 32]) -> Result<[u8; 32], HubError> {
+        let candidate = *candidate;
+        self.run(move |c| {
+            // Insert-if-absent then read, rather than read-then-insert: another process on
+            // the same file may store its candidate in between, and both must end up with one.
+            c.execute(
+                "INSERT INTO hub_keys (name, seed) VALUES ('job', ?1) ON CONFLICT (name) DO NOTHING",
+                [&candidate[..]],
+            )?;
+            c.query_row("SELECT seed FROM hub_keys WHERE name = 'job'", [], |r| {
+                r.get::<_, [u8; 32]>(0)
+            })
+        })
+        .await
+    }
+
+    async fn insert_rollout(&self, rollout: &RolloutRecord) -> Result<(), HubError> {
+        let r = rollout.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO rollouts (id, staff, capability, max_concurrency, error_threshold, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![r.id, r.staff, r.capability, r.max_concurrency, r.error_threshold, r.state, r.created_at_ms, r.updated_at_ms],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, HubError> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT id, staff, capability, max_concurrency, error_threshold, state, created_at, updated_at
+                 FROM rollouts WHERE id = ?1",
+                [id],
+                rollout_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn set_rollout_state(&self, id: &str, state: &str, now_ms: i64) -> Result<(), HubError> {
+        let (id, state) = (id.to_owned(), state.to_owned());
+        self.run(move |c| {
+            c.execute(
+                "UPDATE rollouts SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, state, now_ms],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn insert_jobs(&self, jobs: &[JobRecord]) -> Result<(), HubError> {
+        let jobs = jobs.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(concat!(
+                    "INSERT INTO jobs (",
+                    job_fields!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+                ))?;
+                for j in &jobs {
+                    insert.execute(params![
+                        j.id, j.rollout_id, j.agent_id, j.capability, j.staff, j.args, j.signed_job,
+                        j.signature, j.state, j.rule, j.reason, j.summary, j.digest, j.truncated,
+                        j.approver, j.cancel_requested, j.created_at_ms, j.expires_at_ms, j.updated_at_ms
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, HubError> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                concat!("SELECT ", job_fields!(), " FROM jobs WHERE id = ?1"),
+                [id],
+                job_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn rollout_jobs(&self, rollout_id: &str) -> Result<Vec<JobRecord>, HubError> {
+        let rollout_id = rollout_id.to_owned();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                job_fields!(),
+                " FROM jobs WHERE rollout_id = ?1 ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([rollout_id], job_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn recent_jobs(&self, agent_id: &str, limit: usize) -> Result<Vec<JobRecord>, HubError> {
+        let agent_id = agent_id.to_owned();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                job_fields!(),
+                " FROM jobs WHERE agent_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![agent_id, limit as i64], job_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn jobs_to_send(
+        &self,
+        agent_ids: &[String],
+        include_sent: bool,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>, HubError> {
+        let agent_ids = json_list(agent_ids);
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                job_fields!(),
+                " FROM jobs
+                 WHERE agent_id IN (SELECT value FROM json_each(?1))
+                   AND (state = 'pending' OR (?2 AND state = 'sent'))
+                   AND expires_at > ?3
+                 ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map(params![agent_ids, include_sent, now_ms], job_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn jobs_to_cancel(&self, agent_ids: &[String]) -> Result<Vec<JobRecord>, HubError> {
+        let agent_ids = json_list(agent_ids);
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                job_fields!(),
+                " FROM jobs
+                 WHERE agent_id IN (SELECT value FROM json_each(?1))
+                   AND cancel_requested AND state NOT IN ",
+                final_states!(),
+                " ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([agent_ids], job_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn release_jobs(
+        &self,
+        rollout_id: &str,
+        count: usize,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>, HubError> {
+        let rollout_id = rollout_id.to_owned();
+        let mut released = self
+            .run(move |c| {
+                // One statement, so picking and moving cannot interleave with another
+                // release on the same file.
+                let mut stmt = c.prepare_cached(concat!(
+                    "UPDATE jobs SET state = 'pending', updated_at = ?3
+                     WHERE state = 'queued' AND id IN (
+                         SELECT id FROM jobs WHERE rollout_id = ?1 AND state = 'queued'
+                         ORDER BY created_at, id LIMIT ?2)
+                     RETURNING ",
+                    job_fields!()
+                ))?;
+                let rows =
+                    stmt.query_map(params![rollout_id, count as i64, now_ms], job_from_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        // RETURNING gives no order.
+        released.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(released)
+    }
+
+    async fn update_jobs(&self, changes: &[JobChange]) -> Result<(), HubError> {
+        let changes = changes.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut update = tx.prepare_cached(concat!(
+                    "UPDATE jobs SET state = ?2, rule = COALESCE(?3, rule), reason = COALESCE(?4, reason),
+                         summary = COALESCE(?5, summary), digest = COALESCE(?6, digest),
+                         truncated = COALESCE(?7, truncated), approver = COALESCE(?8, approver),
+                         updated_at = ?9
+                     WHERE id = ?1 AND agent_id = ?10 AND state NOT IN ",
+                    final_states!()
+                ))?;
+                for ch in &changes {
+                    update.execute(params![
+                        ch.id, ch.state, ch.rule, ch.reason, ch.summary, ch.digest, ch.truncated,
+                        ch.approver, ch.at_ms, ch.agent_id
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn request_cancel(&self, id: &str, now_ms: i64) -> Result<bool, HubError> {
+        let id = id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                concat!(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ?2 WHERE id = ?1 AND state NOT IN ",
+                    final_states!()
+                ),
+                params![id, now_ms],
+            )
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn append_job_output(&self, chunks: &[JobChunk]) -> Result<(), HubError> {
+        let chunks = chunks.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO job_output (job_id, seq, data) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (job_id, seq) DO NOTHING",
+                )?;
+                for ch in &chunks {
+                    insert.execute(params![ch.job_id, ch.seq, ch.data])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn job_output(
+        &self,
+        job_id: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<JobChunk>, HubError> {
+        let job_id = job_id.to_owned();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT job_id, seq, data FROM job_output WHERE job_id = ?1 AND seq > ?2
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![job_id, after_seq, limit as i64], |r| {
+                Ok(JobChunk {
+                    job_id: r.get(0)?,
+                    seq: r.get(1)?,
+                    data: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn mirror_state(&self, agent_id: &str) -> Result<MirrorState, HubError> {
+        let agent_id = agent_id.to_owned();
+        self.run(move |c| {
+            let state = c
+                .query_row(
+                    "SELECT last_seq, last_hash, problem, problem_at FROM audit_mirror WHERE agent_id = ?1",
+                    [agent_id],
+                    |r| {
+                        Ok(MirrorState {
+                            last_seq: r.get::<_, i64>(0)? as u64,
+                            last_hash: r.get(1)?,
+                            problem: r.get(2)?,
+                            problem_at_ms: r.get(3)?,
+                        })
+                    },
+                )
+                .optional()?;
+            Ok(state.unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn append_audit_lines(
+        &self,
+        agent_id: &str,
+        lines: &[MirroredLine],
+    ) -> Result<(), HubError> {
+        let Some(last) = lines.last().cloned() else {
+            return Ok(());
+        };
+        let (agent_id, lines) = (agent_id.to_owned(), lines.to_vec());
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO audit_lines (agent_id, seq, hash, line, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (agent_id, seq) DO NOTHING",
+                )?;
+                for l in &lines {
+                    // Sequence numbers are u64 on the wire; stored bit for bit as i64.
+                    insert.execute(params![agent_id, l.seq as i64, l.hash, l.line, l.received_at_ms])?;
+                }
+                tx.execute(
+                    "INSERT INTO audit_mirror (agent_id, last_seq, last_hash) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (agent_id) DO UPDATE SET last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+                    params![agent_id, last.seq as i64, last.hash],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn set_mirror_problem(
+        &self,
+        agent_id: &str,
+        problem: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), HubError> {
+        let (agent_id, problem) = (agent_id.to_owned(), problem.map(str::to_owned));
+        self.run(move |c| {
+            match problem {
+                Some(problem) => c.execute(
+                    "INSERT INTO audit_mirror (agent_id, last_seq, last_hash, problem, problem_at)
+                     VALUES (?1, 0, '', ?2, ?3)
+                     ON CONFLICT (agent_id) DO UPDATE SET problem = excluded.problem, problem_at = excluded.problem_at",
+                    params![agent_id, problem, now_ms],
+                ),
+                None => c.execute(
+                    "UPDATE audit_mirror SET problem = NULL, problem_at = NULL WHERE agent_id = ?1",
+                    [agent_id],
+                ),
+            }
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn audit_lines(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<MirroredLine>, HubError> {
+        let agent_id = agent_id.to_owned();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, hash, line, received_at FROM audit_lines WHERE agent_id = ?1
+                 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![agent_id, limit as i64], mirrored_line_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn record_access(&self, access: &AccessRecord) -> Result<(), HubError> {
+        let a = access.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO access_log (at, principal, action, target) VALUES (?1, ?2, ?3, ?4)",
+                params![a.at_ms, a.principal, a.action, a.target],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn access_log(&self, limit: usize) -> Result<Vec<AccessRecord>, HubError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT at, principal, action, target FROM access_log
+                 ORDER BY at DESC, rowid DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                Ok(AccessRecord {
+                    at_ms: r.get(0)?,
+                    principal: r.get(1)?,
+                    action: r.get(2)?,
+                    target: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn listen_jobs(&self) -> Result<Option<tokio::sync::mpsc::Receiver<String>>, HubError> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn final_states_match_the_protocol() {
+        let names = [
+            "queued",
+            "pending",
+            "sent",
+            "awaiting_approval",
+            "running",
+            "done",
+            "failed",
+            "refused",
+            "denied",
+            "expired",
+            "cancelled",
+            "skipped",
+        ];
+        for name in names {
+            let state = outpost_proto::JobState::from_name(name).unwrap();
+            let listed = final_states!().contains(&format!("'{name}'"));
+            assert_eq!(listed, state.is_final(), "{name}");
+        }
     }
 }
