@@ -230,9 +230,13 @@ impl AgentConfig {
             sinks,
             routes,
             hub,
-            policy: raw
-                .policy
-                .map(|policy| if policy.is_absolute() { policy } else { base.join(policy) }),
+            policy: raw.policy.map(|policy| {
+                if policy.is_absolute() {
+                    policy
+                } else {
+                    base.join(policy)
+                }
+            }),
         };
         config.check().map_err(invalid)?;
         Ok(config)

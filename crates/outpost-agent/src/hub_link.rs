@@ -59,10 +59,7 @@ pub async fn start(
     let uplink = Uplink::start(credentials, inventory, inbound, shutdown.clone());
     let runner = runner::start(
         settings,
-        JobContext {
-            agent_id,
-            ..cx
-        },
+        JobContext { agent_id, ..cx },
         uplink.clone(),
         shutdown.clone(),
     )?;

@@ -26,10 +26,10 @@ use tracing::Instrument;
 
 pub use config::AgentConfig;
 use connectors::{mllp, SinkContext, SinkKind, SourceContext, SourceKind};
+use control::{ConnectorControls, Control};
 pub use error::{AgentError, ConfigError, ConnectorError};
 pub use health::{ConnectorState, ConnectorStatus, Health};
 pub use hub_link::route_inbound;
-use control::{Control, ConnectorControls};
 use jobs::{JobContext, ReloadRequest};
 use logbuf::LogBuffer;
 use watch::DeliveryWatch;

@@ -88,7 +88,9 @@ pub async fn run(action: JobAction) -> anyhow::Result<()> {
 async fn run_job(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.hub)?;
     let mut job_args = match &args.args {
-        Some(text) => serde_json::from_str::<Value>(text).context("--args: expected a JSON object")?,
+        Some(text) => {
+            serde_json::from_str::<Value>(text).context("--args: expected a JSON object")?
+        }
         None => json!({}),
     };
     let Some(fields) = job_args.as_object_mut() else {
@@ -111,14 +113,23 @@ async fn run_job(args: RunArgs) -> anyhow::Result<()> {
     match (&args.selector, args.agents.is_empty()) {
         (Some(selector), _) => body["selector"] = json!(selector),
         (None, false) => body["agents"] = json!(args.agents),
-        (None, true) => bail!("name the agent with --agent ID, or fan out with --agents all|online|name:PATTERN"),
+        (None, true) => bail!(
+            "name the agent with --agent ID, or fan out with --agents all|online|name:PATTERN"
+        ),
     }
     let submitted = client.post("/api/v1/jobs", &body).await?;
-    let rollout_id = submitted["rollout"]["id"].as_str().unwrap_or_default().to_owned();
+    let rollout_id = submitted["rollout"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let jobs = submitted["jobs"].as_array().cloned().unwrap_or_default();
     if args.no_wait {
         for job in &jobs {
-            println!("{}  {}", job["id"].as_str().unwrap_or(""), job["agent_id"].as_str().unwrap_or(""));
+            println!(
+                "{}  {}",
+                job["id"].as_str().unwrap_or(""),
+                job["agent_id"].as_str().unwrap_or("")
+            );
         }
         return Ok(());
     }
@@ -135,7 +146,9 @@ async fn follow_one(client: &Client, job_id: &str) -> anyhow::Result<()> {
     let mut last_state = String::new();
     loop {
         let page = client
-            .get(&format!("/api/v1/jobs/{job_id}/output?after={after}&wait=10"))
+            .get(&format!(
+                "/api/v1/jobs/{job_id}/output?after={after}&wait=10"
+            ))
             .await?;
         for chunk in page["chunks"].as_array().into_iter().flatten() {
             print!("{}", chunk["data"].as_str().unwrap_or(""));
@@ -145,7 +158,10 @@ async fn follow_one(client: &Client, job_id: &str) -> anyhow::Result<()> {
         let state = job["state"].as_str().unwrap_or("").to_owned();
         if state != last_state {
             if state == "awaiting_approval" {
-                eprintln!("job {job_id}: waiting for approval at the practice ({})", job["rule"].as_str().unwrap_or(""));
+                eprintln!(
+                    "job {job_id}: waiting for approval at the practice ({})",
+                    job["rule"].as_str().unwrap_or("")
+                );
             }
             last_state = state.clone();
         }
@@ -153,7 +169,10 @@ async fn follow_one(client: &Client, job_id: &str) -> anyhow::Result<()> {
         let drained = page["chunks"].as_array().is_none_or(|c| c.is_empty());
         if is_final && drained {
             let detail = describe_job(job);
-            eprintln!("job {job_id} on {}: {state}{detail}", job["agent_id"].as_str().unwrap_or(""));
+            eprintln!(
+                "job {job_id} on {}: {state}{detail}",
+                job["agent_id"].as_str().unwrap_or("")
+            );
             if state == "done" {
                 return Ok(());
             }
@@ -187,7 +206,9 @@ async fn follow_rollout(client: &Client, rollout_id: &str, total: usize) -> anyh
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let view = loop {
-        let view = client.get(&format!("/api/v1/rollouts/{rollout_id}")).await?;
+        let view = client
+            .get(&format!("/api/v1/rollouts/{rollout_id}"))
+            .await?;
         let jobs = view["jobs"].as_array().cloned().unwrap_or_default();
         let done = jobs
             .iter()
@@ -210,9 +231,18 @@ async fn follow_rollout(client: &Client, rollout_id: &str, total: usize) -> anyh
         if state != "done" {
             failed += 1;
         }
-        println!("{}  {}  {state}{}", job["agent_id"].as_str().unwrap_or(""), job["id"].as_str().unwrap_or(""), describe_job(job));
+        println!(
+            "{}  {}  {state}{}",
+            job["agent_id"].as_str().unwrap_or(""),
+            job["id"].as_str().unwrap_or(""),
+            describe_job(job)
+        );
     }
-    eprintln!("rollout {rollout_id} {}: {}", view["rollout"]["state"].as_str().unwrap_or(""), view["counts"]);
+    eprintln!(
+        "rollout {rollout_id} {}: {}",
+        view["rollout"]["state"].as_str().unwrap_or(""),
+        view["counts"]
+    );
     if failed > 0 {
         bail!("{failed} of {total} jobs did not finish `done`");
     }

@@ -42,8 +42,8 @@ pub fn session_key(parts: &Parts) -> Option<String> {
 async fn login_page() -> Html<String> {
     Html(page(
         "Sign in",
-        r#"<form method="post" action="/login"><label>API key <input name="key" type="password" autofocus size="60"></label> <button>Sign in</button></form>
-<p class="muted">Make one with <code>outpost hub apikey create --name NAME</code>.</p>"#,
+        r#"<form method="post" action="/login"><label>Staff token or API key <input name="key" type="password" autofocus size="60"></label> <button>Sign in</button></form>
+<p class="muted">Staff sign in with their personal token (<code>outpost hub staff add NAME</code>) to run support jobs and read audit trails; API keys (<code>outpost hub apikey create --name NAME</code>) see the fleet and messages.</p>"#,
         "",
     ))
 }
@@ -55,16 +55,12 @@ struct LoginForm {
 
 async fn login(State(state): State<Arc<HubState>>, Form(form): Form<LoginForm>) -> Response {
     let key = form.key.trim().to_owned();
-    let valid = matches!(
-        state
-            .store
-            .api_key(&crate::secrets::hash_secret(&key))
-            .await,
-        Ok(Some(_))
-    );
+    let hash = crate::secrets::hash_secret(&key);
+    let valid = matches!(state.store.api_key(&hash).await, Ok(Some(_)))
+        || matches!(state.store.staff_by_token(&hash).await, Ok(Some(_)));
     let is_safe = key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid || !is_safe {
-        return Html(page("Sign in", "<p class=\"bad\">That API key is not valid.</p><p><a href=\"/login\">Try again</a></p>", "")).into_response();
+        return Html(page("Sign in", "<p class=\"bad\">That staff token or API key is not valid.</p><p><a href=\"/login\">Try again</a></p>", "")).into_response();
     }
     let cookie = format!("{COOKIE}={key}; Path=/; HttpOnly; Secure; SameSite=Lax");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
@@ -174,6 +170,10 @@ setInterval(() => fetch('/dashboard/fleet.json').then(r => r.json()).then(render
 struct AgentPage {
     agent: serde_json::Value,
     messages: Vec<StoredMessage>,
+    /// Newest support jobs (states and PHI-free summaries).
+    jobs: Vec<crate::store::JobRecord>,
+    /// Where the audit mirror stands, and any gap or fork found.
+    mirror: crate::store::MirrorState,
 }
 
 async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
@@ -185,8 +185,15 @@ async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
         )
     })?;
     let messages = state.store.recent_messages(id, 50).await?;
+    let jobs = state.store.recent_jobs(id, 20).await?;
+    let mirror = state.store.mirror_state(id).await?;
     let agent = serde_json::to_value(agent_view(state, agent)).unwrap_or_default();
-    Ok(AgentPage { agent, messages })
+    Ok(AgentPage {
+        agent,
+        messages,
+        jobs,
+        mirror,
+    })
 }
 
 async fn agent_json(
@@ -211,7 +218,12 @@ async fn agent_page(
 <h3>Connectors</h3><table><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>State</th><th>Items</th><th>Failures</th><th>Last error</th></tr></thead><tbody id="connectors"></tbody></table>
 <h3>Queues</h3><table><thead><tr><th>Sink</th><th>Pending</th><th>Retrying</th><th>Dead</th></tr></thead><tbody id="queues"></tbody></table>
 <h3>Recent messages</h3><p class="muted">Metadata only. Opening a message shows patient data and is recorded.</p>
-<table><thead><tr><th>Cursor</th><th>Received</th><th>Source</th><th>Type</th><th>Control id</th><th></th></tr></thead><tbody id="messages"></tbody></table>"#;
+<table><thead><tr><th>Cursor</th><th>Received</th><th>Source</th><th>Type</th><th>Control id</th><th></th></tr></thead><tbody id="messages"></tbody></table>
+<h3>Support jobs</h3><form id="jobform">Run <select id="capability"><option>health</option><option>logs.tail</option><option>logs.search</option><option>diagnostics</option><option>connector.restart</option><option>connector.pause</option><option>connector.resume</option><option>files.list</option><option>files.read</option><option>files.write</option><option>config.propose</option></select>
+with arguments <input id="jobargs" value="{}" size="50"> <button>Run</button> <span id="jobmsg" class="muted">Needs a staff sign-in; the practice's policy decides.</span></form>
+<table><thead><tr><th>Job</th><th>Capability</th><th>Staff</th><th>State</th><th>Rule</th><th>Summary / reason</th><th>Approver</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
+<pre id="output" hidden></pre>
+<h3>Audit trail</h3><div id="mirror"></div><p><button id="showaudit">Show the audit trail</button> <span class="muted">Viewing it is recorded with your name.</span></p><table><tbody id="audit"></tbody></table>"#;
     let script = format!(
         r#"const id = {id};
 const render = d => {{ const a = d.agent, inv = a.inventory || {{}};
@@ -220,6 +232,13 @@ document.getElementById('summary').innerHTML = `<span class="${{a.online ? 'ok' 
 document.getElementById('connectors').innerHTML = (inv.connectors || []).map(c => `<tr><td>${{esc(c.name)}}</td><td>${{esc(c.role)}}</td><td>${{esc(c.kind)}}</td><td>${{esc(c.state)}}</td><td>${{c.items}}</td><td>${{c.failures}}</td><td>${{esc(c.last_error || '')}}</td></tr>`).join('');
 document.getElementById('queues').innerHTML = (inv.queues || []).map(q => `<tr><td>${{esc(q.sink)}}</td><td>${{q.pending}}</td><td>${{q.retrying}}</td><td>${{q.dead}}</td></tr>`).join('');
 document.getElementById('messages').innerHTML = d.messages.map(m => `<tr><td>${{m.cursor}}</td><td>${{new Date(m.received_at_ms).toLocaleString()}}</td><td>${{esc(m.source)}}</td><td>${{esc(m.msg_type || '')}}</td><td>${{esc(m.control_id || '')}}</td><td><a href="/agents/${{enc(a.id)}}/messages/${{m.cursor}}">show content</a></td></tr>`).join(''); }};
+document.getElementById('jobs').innerHTML = d.jobs.map(j => `<tr><td>${{esc(j.id)}}</td><td>${{esc(j.capability)}}</td><td>${{esc(j.staff)}}</td><td class="${{j.state === 'done' ? 'ok' : (['refused','failed','denied','expired'].includes(j.state) ? 'bad' : '')}}">${{esc(j.state)}}</td><td>${{esc(j.rule || '')}}</td><td>${{esc(j.summary || j.reason || '')}}</td><td>${{esc(j.approver || '')}}</td><td><a href="" data-job="${{esc(j.id)}}">output</a></td></tr>`).join('');
+const m = d.mirror; document.getElementById('mirror').innerHTML = m.problem ? `<p class="bad">Audit mirror problem: ${{esc(m.problem)}}</p>` : `<p class="ok">Audit mirror intact: ${{m.last_seq}} entries</p>`; }};
+document.getElementById('jobform').addEventListener('submit', e => {{ e.preventDefault(); let args; try {{ args = JSON.parse(document.getElementById('jobargs').value || '{{}}'); }} catch (err) {{ document.getElementById('jobmsg').textContent = 'arguments are not JSON'; return; }}
+fetch('/api/v1/jobs', {{method: 'POST', headers: {{'content-type': 'application/json'}}, body: JSON.stringify({{agents: [id], capability: document.getElementById('capability').value, args}})}}).then(r => r.json()).then(b => document.getElementById('jobmsg').textContent = b.rollout ? 'submitted ' + b.jobs[0].id : (b.message || 'failed')); }});
+document.getElementById('jobs').addEventListener('click', e => {{ const job = e.target.dataset && e.target.dataset.job; if (!job) return; e.preventDefault();
+fetch('/api/v1/jobs/' + enc(job) + '/output').then(r => r.json()).then(p => {{ const o = document.getElementById('output'); o.hidden = false; o.textContent = (p.chunks || []).map(c => c.data).join('') || (p.message || '(no output)'); }}); }});
+document.getElementById('showaudit').addEventListener('click', () => fetch('/api/v1/agents/' + enc(id) + '/audit?limit=100').then(r => r.json()).then(t => {{ document.getElementById('audit').innerHTML = (t.lines || []).map(l => {{ let e = {{}}; try {{ e = JSON.parse(l.line); }} catch (err) {{}} return `<tr><td>${{l.seq}}</td><td>${{new Date(e.time_ms).toLocaleString()}}</td><td>${{esc(e.event)}}</td><td>${{esc(e.staff || '')}}</td><td>${{esc(e.capability || '')}}</td><td>${{esc(e.decision || '')}} ${{esc(e.rule || '')}}</td><td>${{esc(e.approver || '')}}</td><td>${{esc(e.result_summary || e.detail || '')}}</td></tr>`; }}).join('') || `<tr><td>${{esc(t.message || 'empty')}}</td></tr>`; }}));
 render({initial});
 setInterval(() => fetch('/dashboard/agent/' + enc(id)).then(r => r.json()).then(render).catch(() => {{}}), 2000);"#,
         id = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".into())
@@ -253,6 +272,13 @@ async fn message_page(
         ));
     };
     tracing::info!(target: "audit", viewer = %caller.name, agent_id = %id, cursor, control_id = message.control_id.as_deref().unwrap_or(""), "message content viewed on the dashboard");
+    crate::api::record_access(
+        &state,
+        &caller.principal,
+        "message.payload",
+        &format!("agent {id} cursor {cursor}"),
+    )
+    .await?;
     let bytes = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD

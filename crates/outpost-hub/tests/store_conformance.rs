@@ -146,6 +146,7 @@ on_both_backends! {
     audit_lines_are_kept_once_and_move_the_mirror_position;
     mirror_problem_is_set_and_cleared;
     access_log_is_newest_first;
+    only_postgres_has_job_notifications;
 }
 
 // ---- tokens ----
@@ -1844,6 +1845,19 @@ async fn access_log_is_newest_first(b: &Backend) {
         (log[0].principal.as_str(), log[0].action.as_str()),
         ("staff:alice@v", "audit.trail"),
         "{}",
+        b.name()
+    );
+}
+
+// ---- job notifications ----
+
+async fn only_postgres_has_job_notifications(b: &Backend) {
+    let store = b.open().await;
+    let listening = store.listen_jobs().await.unwrap().is_some();
+    assert_eq!(
+        listening,
+        matches!(b, Backend::Postgres(_)),
+        "{}: SQLite serves one hub process and has nothing to listen to",
         b.name()
     );
 }

@@ -86,6 +86,7 @@ async fn an_agent_silent_for_three_heartbeats_is_offline_and_the_webhook_is_call
             name: agent.name.clone(),
             hub_url: format!("https://{}", hub.addr),
             key: key.clone(),
+            job_key: None,
             tls: outpost_uplink::client_tls(hub.ca_path.as_deref()).unwrap(),
         };
         let inventory: outpost_uplink::InventorySource =

@@ -93,11 +93,8 @@ pub fn verify_job(signed: &SignedJob, key: &VerifyingKey) -> Result<JobSpec, Job
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or(JobSignatureError::Malformed)?;
-    key.verify(
-        &signing_bytes(&signed.job),
-        &Signature::from_bytes(&bytes),
-    )
-    .map_err(|_| JobSignatureError::Invalid)?;
+    key.verify(&signing_bytes(&signed.job), &Signature::from_bytes(&bytes))
+        .map_err(|_| JobSignatureError::Invalid)?;
     serde_json::from_str(&signed.job).map_err(|err| JobSignatureError::Unreadable(err.to_string()))
 }
 

@@ -75,12 +75,14 @@ impl Credentials {
         let ca = record.pinned_ca.then(|| data_dir.join(HUB_CA_FILE));
         let job_key = match record.job_key.as_deref() {
             None | Some("") => None,
-            Some(hex_key) => Some(parse_job_key(hex_key).ok_or_else(|| {
-                UplinkError::BadCredentials {
-                    path: record_path.display().to_string(),
-                    problem: "job_key is not an Ed25519 public key in hex".into(),
-                }
-            })?),
+            Some(hex_key) => {
+                Some(
+                    parse_job_key(hex_key).ok_or_else(|| UplinkError::BadCredentials {
+                        path: record_path.display().to_string(),
+                        problem: "job_key is not an Ed25519 public key in hex".into(),
+                    })?,
+                )
+            }
         };
         Ok(Self {
             agent_id: record.agent_id,

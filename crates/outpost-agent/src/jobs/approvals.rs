@@ -104,8 +104,10 @@ impl Approvals {
         };
         let conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         crate::jobs::restrict_to_owner(&path);
         Ok(Approvals { path, conn })

@@ -231,7 +231,7 @@ mod tests {
             assert!(chunk.len() <= CHUNK_BYTES);
             all.push_str(&chunk);
         }
-        assert_eq!(all.len(), CHUNK_BYTES + 10);
+        assert_eq!(all.len(), CHUNK_BYTES + 9);
         assert_eq!(digest, hex::encode(Sha256::digest(all.as_bytes())));
     }
 }

@@ -76,8 +76,7 @@ impl Gate {
         if spec.expires_at_ms - now_ms > MAX_JOB_LIFETIME_MS {
             return Err(GateRefusal {
                 rule: "expiry",
-                reason: "the job expires more than 24 h from now; jobs must be short-lived"
-                    .into(),
+                reason: "the job expires more than 24 h from now; jobs must be short-lived".into(),
             });
         }
         if spec.nonce.len() < 16 || spec.nonce.len() > 128 {
@@ -142,7 +141,10 @@ mod tests {
         assert_eq!(gate.check(&good, 1_000).unwrap_err().rule, "replay");
 
         let other_agent = outpost_proto::sign_job(&job("a2", 10_000, &"cd".repeat(16)), &key);
-        assert_eq!(gate.check(&other_agent, 1_000).unwrap_err().rule, "agent-id");
+        assert_eq!(
+            gate.check(&other_agent, 1_000).unwrap_err().rule,
+            "agent-id"
+        );
         let expired = outpost_proto::sign_job(&job("a1", 500, &"ef".repeat(16)), &key);
         assert_eq!(gate.check(&expired, 1_000).unwrap_err().rule, "expiry");
         let forged = outpost_proto::sign_job(

@@ -57,8 +57,8 @@ pub async fn run(
         if let Some((session, after)) = hub {
             if local_last > after {
                 let path = audit.path().to_owned();
-                let read = tokio::task::spawn_blocking(move || read_after(&path, after, bookmark))
-                    .await;
+                let read =
+                    tokio::task::spawn_blocking(move || read_after(&path, after, bookmark)).await;
                 match read {
                     Ok(Ok((lines, last_seq, next))) if !lines.is_empty() => {
                         bookmark = next;
@@ -114,7 +114,10 @@ fn read_after(
     let mut offset = start;
     let mut lines = Vec::new();
     let mut bytes = 0usize;
-    let mut last = Bookmark { seq: after, offset: start };
+    let mut last = Bookmark {
+        seq: after,
+        offset: start,
+    };
     let mut line = String::new();
     loop {
         line.clear();

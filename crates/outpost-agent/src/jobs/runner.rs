@@ -191,7 +191,7 @@ impl Runner {
                             self.launch(cleared, finished_tx.clone()).await;
                         }
                     }
-                    if ticks % FILE_CHECK_TICKS == 0 {
+                    if ticks.is_multiple_of(FILE_CHECK_TICKS) {
                         self.check_files(false).await;
                     }
                 }
@@ -230,15 +230,14 @@ impl Runner {
             }
         };
         let (decision, handler, policy) = self.decide(&spec, now);
-        let nonce_detail = format!(
-            "nonce={} expires_at_ms={}",
-            spec.nonce, spec.expires_at_ms
-        );
+        let nonce_detail = format!("nonce={} expires_at_ms={}", spec.nonce, spec.expires_at_ms);
         let (audit_decision, rule, reason) = match &decision {
             Decision::Allowed { rule } => (outpost_audit::Decision::Allowed, rule.clone(), None),
-            Decision::AwaitingApproval { rule } => {
-                (outpost_audit::Decision::AwaitingApproval, rule.clone(), None)
-            }
+            Decision::AwaitingApproval { rule } => (
+                outpost_audit::Decision::AwaitingApproval,
+                rule.clone(),
+                None,
+            ),
             Decision::Refused { rule, reason } => (
                 outpost_audit::Decision::Refused,
                 rule.clone(),
@@ -358,7 +357,8 @@ impl Runner {
                 None,
             );
         };
-        let timestamp = jiff::Timestamp::from_millisecond(now).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let timestamp =
+            jiff::Timestamp::from_millisecond(now).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
         let decision = policy.decide(&Request {
             capability: &spec.capability,
             args: &spec.args,
@@ -415,7 +415,9 @@ impl Runner {
         if let Ok(true) = self.approvals.settle(dispatch_id, "waiting", "cancelled") {
             self.waiting = self.waiting.saturating_sub(1);
             let entry = AuditEntry {
-                detail: Some(format!("dispatch {dispatch_id} cancelled by the hub while waiting for approval")),
+                detail: Some(format!(
+                    "dispatch {dispatch_id} cancelled by the hub while waiting for approval"
+                )),
                 ..AuditEntry::new("job.cancelled")
             };
             let _ = self.shared.audit.append(entry).await;
@@ -438,7 +440,10 @@ impl Runner {
             _ => return cleared,
         };
         for job in denied {
-            if !matches!(self.approvals.settle(&job.dispatch_id, "denied", "taken"), Ok(true)) {
+            if !matches!(
+                self.approvals.settle(&job.dispatch_id, "denied", "taken"),
+                Ok(true)
+            ) {
                 continue;
             }
             let entry = AuditEntry {
@@ -463,7 +468,10 @@ impl Runner {
                 .await;
         }
         for job in approved {
-            if !matches!(self.approvals.settle(&job.dispatch_id, "approved", "taken"), Ok(true)) {
+            if !matches!(
+                self.approvals.settle(&job.dispatch_id, "approved", "taken"),
+                Ok(true)
+            ) {
                 continue;
             }
             let approver = job.decided_by.clone();
@@ -502,7 +510,11 @@ impl Runner {
             }
         }
         for job in waiting.into_iter().filter(|job| job.expires_at_ms <= now) {
-            if !matches!(self.approvals.settle(&job.dispatch_id, "waiting", "expired"), Ok(true)) {
+            if !matches!(
+                self.approvals
+                    .settle(&job.dispatch_id, "waiting", "expired"),
+                Ok(true)
+            ) {
                 continue;
             }
             let entry = AuditEntry {
@@ -527,8 +539,16 @@ impl Runner {
             .in_state("waiting")
             .map(|w| w.len())
             .unwrap_or(0)
-            + self.approvals.in_state("approved").map(|w| w.len()).unwrap_or(0)
-            + self.approvals.in_state("denied").map(|w| w.len()).unwrap_or(0);
+            + self
+                .approvals
+                .in_state("approved")
+                .map(|w| w.len())
+                .unwrap_or(0)
+            + self
+                .approvals
+                .in_state("denied")
+                .map(|w| w.len())
+                .unwrap_or(0);
         cleared
     }
 
@@ -619,9 +639,8 @@ impl Runner {
                 }
             }
         } else if at_start {
-            self.policy.missing = Some(
-                "the agent config names no `policy` file, so every job is refused".into(),
-            );
+            self.policy.missing =
+                Some("the agent config names no `policy` file, so every job is refused".into());
         }
         if let Some(path) = self.config_path.clone() {
             if let Ok(bytes) = std::fs::read(&path) {
@@ -641,7 +660,12 @@ impl Runner {
 
 impl Shared {
     async fn report(&self, update: JobUpdate) {
-        if self.uplink.send(AgentToHub::JobUpdate(update)).await.is_err() {
+        if self
+            .uplink
+            .send(AgentToHub::JobUpdate(update))
+            .await
+            .is_err()
+        {
             tracing::debug!("hub link stopped; job update dropped");
         }
     }

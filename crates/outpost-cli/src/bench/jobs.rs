@@ -230,15 +230,24 @@ async fn measure(
         &json!({"selector": "all", "capability": "health", "max_concurrency": agents.max(1)}),
     )
     .await?;
-    let rollout_id = submitted["rollout"]["id"].as_str().unwrap_or_default().to_owned();
+    let rollout_id = submitted["rollout"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let view = wait_finished(&client, &base, &staff_token, &rollout_id).await?;
     let fan_out = fan_out_started.elapsed();
     let done = view["counts"]["done"].as_u64().unwrap_or(0) as usize;
     if done != agents {
-        bail!("only {done} of {agents} health jobs ended `done`: {}", view["counts"]);
+        bail!(
+            "only {done} of {agents} health jobs ended `done`: {}",
+            view["counts"]
+        );
     }
 
-    let first = identities.first().map(|(id, _)| id.clone()).unwrap_or_default();
+    let first = identities
+        .first()
+        .map(|(id, _)| id.clone())
+        .unwrap_or_default();
     let single_started = Instant::now();
     let mut rollouts = Vec::with_capacity(SINGLE_AGENT_JOBS);
     for _ in 0..SINGLE_AGENT_JOBS {
@@ -249,7 +258,12 @@ async fn measure(
             &json!({"agents": [first], "capability": "health"}),
         )
         .await?;
-        rollouts.push(submitted["rollout"]["id"].as_str().unwrap_or_default().to_owned());
+        rollouts.push(
+            submitted["rollout"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
     }
     for rollout_id in &rollouts {
         let view = wait_finished(&client, &base, &staff_token, rollout_id).await?;
@@ -353,7 +367,10 @@ async fn wait_finished(
             return Ok(view);
         }
         if Instant::now() > deadline {
-            bail!("rollout {rollout_id} did not finish within 120 s: {}", view["counts"]);
+            bail!(
+                "rollout {rollout_id} did not finish within 120 s: {}",
+                view["counts"]
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

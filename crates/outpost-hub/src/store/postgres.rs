@@ -1246,14 +1246,18 @@ impl Store for PostgresStore {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             // SKIP LOCKED: two hub processes releasing at once take different jobs instead of
-            // one waiting for the other and then releasing the same ones twice.
+            // one waiting for the other and then releasing the same ones twice. The pick is a
+            // materialised CTE, not `id IN (SELECT … LIMIT n)`: the planner may run such a
+            // subquery more than once per statement, and with SKIP LOCKED each run can pick
+            // other rows, releasing more than `count` (seen here: 3 jobs for a count of 2).
             let stmt = tx
                 .prepare_cached(concat!(
-                    "UPDATE jobs SET state = 'pending', updated_at = $3
-                     WHERE state = 'queued' AND id IN (
-                         SELECT id FROM jobs WHERE rollout_id = $1 AND state = 'queued'
+                    "WITH picked AS MATERIALIZED (
+                         SELECT id AS picked_id FROM jobs WHERE rollout_id = $1 AND state = 'queued'
                          ORDER BY created_at, id COLLATE \"C\" LIMIT $2
                          FOR UPDATE SKIP LOCKED)
+                     UPDATE jobs SET state = 'pending', updated_at = $3
+                     FROM picked WHERE id = picked_id AND state = 'queued'
                      RETURNING ",
                     job_fields!()
                 ))

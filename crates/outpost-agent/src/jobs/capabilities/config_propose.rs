@@ -105,8 +105,18 @@ impl CapabilityHandler for ConfigPropose {
                 proposed.data_dir.display()
             )));
         }
-        // Compared as written in the files (the agent config may not carry the key as a
-        // field): the policy file is the practice's, never the hub's to move.
+        // The policy file is the practice's, never the hub's to move or drop.
+        if proposed.policy != current.policy {
+            let shown = |p: &Option<PathBuf>| {
+                p.as_ref()
+                    .map_or_else(|| "none".to_owned(), |p| p.display().to_string())
+            };
+            return Err(refused(format!(
+                "`policy` would change from {} to {}; the policy file is set by the practice, not by a proposal",
+                shown(&current.policy),
+                shown(&proposed.policy)
+            )));
+        }
         let proposed_table: toml::Table = text
             .parse()
             .map_err(|err: toml::de::Error| refused(err.to_string()))?;
@@ -114,21 +124,6 @@ impl CapabilityHandler for ConfigPropose {
             return Err(refused(format!(
                 "key `{key}` still reads {MASK:?} (masked by diagnostics); give its real value"
             )));
-        }
-        let current_text = tokio::fs::read_to_string(&path)
-            .await
-            .map_err(|err| io_failed("reading the current config", &path, &err))?;
-        let current_table: toml::Table = current_text.parse().map_err(|err: toml::de::Error| {
-            CapabilityError::Failed(format!(
-                "the current config {} does not parse as TOML, so the policy setting cannot be compared: {}",
-                path.display(),
-                err.message()
-            ))
-        })?;
-        if proposed_table.get("policy") != current_table.get("policy") {
-            return Err(refused(
-                "`policy` would change; the policy file is set by the practice, not by a proposal",
-            ));
         }
         if job.cancel.is_cancelled() {
             return Err(CapabilityError::Cancelled);
@@ -235,7 +230,7 @@ mod tests {
             ),
             (
                 format!("policy = \"/tmp/permissive.toml\"\n{MINIMAL_CONFIG}"),
-                "policy",
+                "`policy` would change",
             ),
             (
                 MINIMAL_CONFIG.replace("enroll-SECRET-123", "***"),
@@ -298,6 +293,41 @@ mod tests {
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn refuses_dropping_or_moving_the_policy_but_accepts_it_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cx, _reloads) = testutil::context(dir.path());
+        let with_policy = format!("policy = \"policy.toml\"\n{MINIMAL_CONFIG}");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &with_policy).unwrap();
+        cx.config = Some(std::sync::Arc::new(AgentConfig::load(&path).unwrap()));
+        let policy = testutil::policy(POLICY);
+
+        let (result, _) = testutil::run(
+            &ConfigPropose,
+            &cx,
+            &policy,
+            json!({"config": MINIMAL_CONFIG}),
+        )
+        .await;
+        assert_refused(result, "to none");
+        let moved = with_policy.replace("policy.toml", "other/policy.toml");
+        let (result, _) =
+            testutil::run(&ConfigPropose, &cx, &policy, json!({"config": moved})).await;
+        assert_refused(result, "`policy` would change");
+
+        let same = with_policy.replace("0.0.0.0:2575", "127.0.0.1:2575");
+        let (result, _) = testutil::run(
+            &ConfigPropose,
+            &cx,
+            &policy,
+            json!({"config": same.clone()}),
+        )
+        .await;
+        result.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), same);
     }
 
     #[test]

@@ -62,6 +62,13 @@ impl CapabilityHandler for FilesRead {
                         path.display()
                     )))
                 }
+                // Checked before opening: opening a FIFO would block until a writer came.
+                Some(metadata) if !metadata.is_file() && !metadata.file_type().is_symlink() => {
+                    return Err(CapabilityError::BadArgs(format!(
+                        "argument `path`: {} is not a regular file",
+                        path.display()
+                    )))
+                }
                 Some(metadata) => metadata,
             };
             let (file, metadata) = files::open_verified(&roots, CAPABILITY, &path, &before)?;
