@@ -521,9 +521,16 @@ async fn get_down(
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Outpost hub API", description = "Fleet health, the message stream from agents, and messages down to agents."),
-    paths(enroll, list_agents, get_agent, list_messages, post_down, get_down),
-    components(schemas(AgentView, AgentRecord, StoredMessage, MessagesPage, DownRequest, DownMessage)),
+    info(title = "Outpost hub API", description = "Fleet health, the message stream from agents, messages down to agents, and remote support jobs (staff tokens)."),
+    paths(enroll, list_agents, get_agent, list_messages, post_down, get_down,
+        crate::api_jobs::submit, crate::api_jobs::get_rollout, crate::api_jobs::get_job,
+        crate::api_jobs::job_output, crate::api_jobs::cancel_job, crate::api_jobs::agent_jobs,
+        crate::api_jobs::agent_audit, crate::api_jobs::access_log, crate::api_jobs::whoami),
+    components(schemas(AgentView, AgentRecord, StoredMessage, MessagesPage, DownRequest, DownMessage,
+        crate::api_jobs::SubmitRequest, crate::api_jobs::RolloutView, crate::api_jobs::OutputPage,
+        crate::api_jobs::AuditTrail, crate::store::JobRecord, crate::store::RolloutRecord,
+        crate::store::JobChunk, crate::store::MirrorState, crate::store::MirroredLine,
+        crate::store::AccessRecord, crate::store::StaffRecord)),
     modifiers(&ApiKeyScheme)
 )]
 struct ApiDoc;
@@ -536,6 +543,10 @@ impl utoipa::Modify for ApiKeyScheme {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "staff_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }

@@ -135,7 +135,7 @@ fn rollout_view(rollout: RolloutRecord, jobs: Vec<JobRecord>) -> RolloutView {
 
 /// Submits a job to one or many agents; the hub signs one job per agent.
 #[utoipa::path(post, path = "/api/v1/jobs", request_body = SubmitRequest, responses((status = 201, body = RolloutView), (status = 400, body = Object), (status = 401, body = Object)), security(("staff_token" = [])))]
-async fn submit(
+pub(crate) async fn submit(
     StaffCaller(staff): StaffCaller,
     State(state): State<Arc<HubState>>,
     body: Result<String, StringRejection>,
@@ -263,7 +263,7 @@ fn glob_matches(pattern: &str, text: &str) -> bool {
 
 /// A rollout and its jobs.
 #[utoipa::path(get, path = "/api/v1/rollouts/{id}", params(("id" = String, Path)), responses((status = 200, body = RolloutView)), security(("staff_token" = [])))]
-async fn get_rollout(
+pub(crate) async fn get_rollout(
     _staff: StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -279,7 +279,7 @@ async fn get_rollout(
 
 /// One job.
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = JobRecord)), security(("staff_token" = [])))]
-async fn get_job(
+pub(crate) async fn get_job(
     _staff: StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -315,7 +315,7 @@ pub struct OutputPage {
 /// A job's output after a piece, waiting for more (long-poll). Recorded in the access log:
 /// output may hold PHI (log lines, files, HL7 messages).
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/output", params(("id" = String, Path), OutputQuery), responses((status = 200, body = OutputPage)), security(("staff_token" = [])))]
-async fn job_output(
+pub(crate) async fn job_output(
     StaffCaller(staff): StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -352,7 +352,7 @@ async fn job_output(
 
 /// Asks the agent to stop a job that is running or waiting for approval.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", params(("id" = String, Path)), responses((status = 202, body = Object), (status = 409, body = Object)), security(("staff_token" = [])))]
-async fn cancel_job(
+pub(crate) async fn cancel_job(
     StaffCaller(staff): StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -406,7 +406,7 @@ fn limit_of(query: Result<Query<LimitQuery>, QueryRejection>) -> Result<usize, A
 
 /// An agent's newest jobs.
 #[utoipa::path(get, path = "/api/v1/agents/{id}/jobs", params(("id" = String, Path), LimitQuery), responses((status = 200, body = [JobRecord])), security(("staff_token" = [])))]
-async fn agent_jobs(
+pub(crate) async fn agent_jobs(
     _staff: StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -427,7 +427,7 @@ pub struct AuditTrail {
 /// An agent's mirrored audit trail, newest first, and any gap or fork found. Recorded in
 /// the access log.
 #[utoipa::path(get, path = "/api/v1/agents/{id}/audit", params(("id" = String, Path), LimitQuery), responses((status = 200, body = AuditTrail)), security(("staff_token" = [])))]
-async fn agent_audit(
+pub(crate) async fn agent_audit(
     StaffCaller(staff): StaffCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
@@ -448,7 +448,7 @@ async fn agent_audit(
 
 /// Who looked at PHI or audit trails on this hub (admins only).
 #[utoipa::path(get, path = "/api/v1/access-log", params(LimitQuery), responses((status = 200, body = [AccessRecord]), (status = 403, body = Object)), security(("staff_token" = [])))]
-async fn access_log(
+pub(crate) async fn access_log(
     StaffCaller(staff): StaffCaller,
     State(state): State<Arc<HubState>>,
     query: Result<Query<LimitQuery>, QueryRejection>,
@@ -466,7 +466,7 @@ async fn access_log(
 
 /// The staff member behind the token.
 #[utoipa::path(get, path = "/api/v1/whoami", responses((status = 200, body = StaffRecord)), security(("staff_token" = [])))]
-async fn whoami(StaffCaller(staff): StaffCaller) -> Json<StaffRecord> {
+pub(crate) async fn whoami(StaffCaller(staff): StaffCaller) -> Json<StaffRecord> {
     Json(staff)
 }
 
