@@ -27,6 +27,7 @@ mod postgres;
 mod process;
 mod python;
 pub mod samples;
+pub mod support;
 
 use std::fmt::Debug;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -10,12 +10,15 @@ use outpost_proto::{verify_job, JobSpec, SignedJob};
 pub const MAX_JOB_LIFETIME_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Why the gate refused a job: the rule (for the audit log) and a sentence.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GateRefusal {
     /// `no-job-key`, `signature`, `agent-id`, `expiry` or `replay`.
     pub rule: &'static str,
     /// Why, without argument values.
     pub reason: String,
+    /// The job, when its signature verified (refused for agent id, expiry or replay), so
+    /// the audit entry can name its staff member and capability.
+    pub job: Option<Box<JobSpec>>,
 }
 
 /// The gate of one agent.
@@ -48,55 +51,62 @@ impl Gate {
             return Err(GateRefusal {
                 rule: "no-job-key",
                 reason: "this agent has no hub job key pinned (enrolled with a hub that had none); enroll again".into(),
+                job: None,
             });
         };
         let spec = verify_job(signed, key).map_err(|err| GateRefusal {
             rule: "signature",
             reason: err.to_string(),
+            job: None,
         })?;
+        let refuse = |rule: &'static str, reason: String| GateRefusal {
+            rule,
+            reason,
+            job: Some(Box::new(spec.clone())),
+        };
         if spec.agent_id != self.agent_id {
-            return Err(GateRefusal {
-                rule: "agent-id",
-                reason: format!(
+            return Err(refuse(
+                "agent-id",
+                format!(
                     "the job is for agent {:?}, this is agent {:?}",
                     bounded(&spec.agent_id),
                     self.agent_id
                 ),
-            });
+            ));
         }
         if spec.expires_at_ms <= now_ms {
-            return Err(GateRefusal {
-                rule: "expiry",
-                reason: format!(
+            return Err(refuse(
+                "expiry",
+                format!(
                     "the job expired {} s ago",
                     (now_ms - spec.expires_at_ms) / 1000
                 ),
-            });
+            ));
         }
         if spec.expires_at_ms - now_ms > MAX_JOB_LIFETIME_MS {
-            return Err(GateRefusal {
-                rule: "expiry",
-                reason: "the job expires more than 24 h from now; jobs must be short-lived".into(),
-            });
+            return Err(refuse(
+                "expiry",
+                "the job expires more than 24 h from now; jobs must be short-lived".into(),
+            ));
         }
         if spec.nonce.len() < 16 || spec.nonce.len() > 128 {
-            return Err(GateRefusal {
-                rule: "replay",
-                reason: "the job's nonce is not 16 to 128 characters".into(),
-            });
+            return Err(refuse(
+                "replay",
+                "the job's nonce is not 16 to 128 characters".into(),
+            ));
         }
         if self
             .seen
             .get(&spec.nonce)
             .is_some_and(|&expires| expires > now_ms)
         {
-            return Err(GateRefusal {
-                rule: "replay",
-                reason: format!(
+            return Err(refuse(
+                "replay",
+                format!(
                     "job {:?} was received before (same nonce): a replay",
                     bounded(&spec.job_id)
                 ),
-            });
+            ));
         }
         self.seen.insert(spec.nonce.clone(), spec.expires_at_ms);
         Ok(spec)

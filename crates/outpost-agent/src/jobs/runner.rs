@@ -169,6 +169,7 @@ impl Runner {
         let mut ticks = 0u32;
         loop {
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => break,
                 message = inbox.recv() => match message {
                     Some(RunnerMessage::Job { dispatch_id, job }) => {
@@ -208,10 +209,17 @@ impl Runner {
         let spec = match self.gate.check(&signed, now) {
             Ok(spec) => spec,
             Err(refusal) => {
-                let job_id = outpost_proto::claimed_job_id(&signed.job);
+                let job_id = refusal
+                    .job
+                    .as_ref()
+                    .map(|job| job.job_id.clone())
+                    .or_else(|| outpost_proto::claimed_job_id(&signed.job));
                 tracing::warn!(dispatch_id, rule = refusal.rule, reason = %refusal.reason, "job refused");
                 let entry = AuditEntry {
                     job_id: job_id.clone(),
+                    staff: refusal.job.as_ref().map(|job| job.staff.clone()),
+                    capability: refusal.job.as_ref().map(|job| job.capability.clone()),
+                    args_digest: refusal.job.as_ref().map(|job| job.args_digest()),
                     decision: Some(outpost_audit::Decision::Refused),
                     rule: Some(refusal.rule.to_owned()),
                     detail: Some(refusal.reason.clone()),

@@ -56,6 +56,9 @@ pub async fn run(agents: usize) -> anyhow::Result<()> {
     let result = measure(&mut hub, addr, &hub_toml, work.path(), agents, &shutdown).await;
     shutdown.cancel();
     stop(&mut hub);
+    // The simulated agents' tasks stop on the cancel; give them a moment before their
+    // folders go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let figures = result.with_context(|| format!("hub log: {}", tail(&log)))?;
     let check_us = check_and_decide_micros()?;
     println!(
