@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use outpost_agent::AgentConfig;
 use outpost_hl7::Ack;
+use outpost_hub::store::StaffRecord;
 use outpost_hub::{secrets, HubConfig};
 use outpost_mllp::MllpClient;
 use tokio::sync::mpsc;
@@ -23,6 +24,21 @@ const SEND_EVERY: Duration = Duration::from_secs(3);
 
 /// Runs the demo until `run_for` passes or Ctrl-C. Without `data_dir` it works in a
 /// temporary folder that is removed at the end.
+/// The demo practice's support policy: status, logs and connector control unattended,
+/// nothing else.
+const DEMO_POLICY: &str = r#"# The practice owns this file; the hub can neither read nor change it.
+access = "unattended"
+
+[allow]
+health = true
+"logs.tail" = true
+"logs.search" = true
+diagnostics = true
+"connector.restart" = true
+"connector.pause" = true
+"connector.resume" = true
+"#;
+
 pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let temporary = tempfile::Builder::new().prefix("outpost-demo-").tempdir()?;
     let root = match &data_dir {
@@ -63,6 +79,15 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
         .store
         .create_api_key(&secrets::hash_secret(&api_key), "demo", now)
         .await?;
+    let staff_token = secrets::new_secret("ops_");
+    let staff = StaffRecord {
+        name: "support@demo-vendor".into(),
+        role: "admin".into(),
+        token_hash: secrets::hash_secret(&staff_token),
+        created_at_ms: now,
+        disabled_at_ms: None,
+    };
+    hub.state.store.insert_staff(&staff).await?;
 
     let (events_tx, mut events) = mpsc::channel(256);
     let lab = Downstream::start(Some(events_tx))
@@ -82,6 +107,7 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     println!("  hub        {hub_url}   CA {}", ca.display());
     println!("  dashboard  {hub_url}/   (sign in with the API key; the CA is the demo's own, so the browser will warn)");
     println!("  API key    {api_key}");
+    println!("  staff      support@demo-vendor, token {staff_token} (sign in with it to run support jobs)");
     println!("  agent      MLLP source \"lab-in\" on {source}, sinks \"vendor\" (the hub) and \"lab-out\" (a lab at {})", lab.addr);
     println!("  try        curl --cacert {} -H 'Authorization: Bearer {api_key}' '{hub_url}/api/v1/messages?after=0&limit=10'", ca.display());
     println!(
@@ -90,6 +116,15 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     );
     println!(
         "             outpost queue status --config {}",
+        agent_config.path.display()
+    );
+    let agent_id = outpost_uplink::Credentials::load(&agent_config.data_dir)?.agent_id;
+    println!(
+        "             OUTPOST_HUB={hub_url} OUTPOST_HUB_CA={} OUTPOST_STAFF_TOKEN={staff_token} outpost job run --agent {agent_id} logs.tail",
+        ca.display()
+    );
+    println!(
+        "             outpost approvals --config {} list",
         agent_config.path.display()
     );
     println!();
@@ -118,6 +153,7 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     for message in &first_batch {
         send_and_print(&mut sender, message).await?;
     }
+    support_job(&hub, &staff, &agent_id).await?;
     let deadline = run_for.map(|d| tokio::time::Instant::now() + d);
     let mut next = 4;
     loop {
@@ -142,6 +178,47 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     shutdown.cancel();
     hub.wait().await;
     printer.abort();
+    Ok(())
+}
+
+/// Runs one signed `health` job through the hub as the demo's staff member and prints
+/// how the agent decided and what it answered.
+async fn support_job(
+    hub: &outpost_hub::RunningHub,
+    staff: &StaffRecord,
+    agent_id: &str,
+) -> anyhow::Result<()> {
+    let request = outpost_hub::jobs::JobRequest {
+        agent_ids: vec![agent_id.to_owned()],
+        capability: "health".into(),
+        args: serde_json::json!({}),
+        expires_in: Duration::from_secs(60),
+        max_concurrency: 1,
+        error_threshold: None,
+    };
+    let (_, jobs) = outpost_hub::jobs::submit(&hub.state, staff, request).await?;
+    let Some(job_id) = jobs.first().map(|job| job.id.clone()) else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(job) = hub.state.store.job(&job_id).await? {
+            let finished = outpost_proto::JobState::from_name(&job.state)
+                .is_some_and(outpost_proto::JobState::is_final);
+            if finished {
+                println!(
+                    "  support job {job_id} (health, signed for {}): {} by policy rule {}: {}",
+                    job.staff,
+                    job.state,
+                    job.rule.as_deref().unwrap_or("-"),
+                    job.summary.or(job.reason).unwrap_or_default()
+                );
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("  support job {job_id} (health): no answer within 15 s");
     Ok(())
 }
 
@@ -170,6 +247,7 @@ fn agent_config(
     std::fs::create_dir_all(dir)?;
     let text = format!(
         r#"data_dir = "."
+policy = "policy.toml"
 [hub]
 url = "{hub_url}"
 token = "{token}"
@@ -191,6 +269,7 @@ to = ["vendor", "lab-out"]
 "#,
         ca = ca.display().to_string()
     );
+    std::fs::write(dir.join("policy.toml"), DEMO_POLICY)?;
     let path = dir.join("agent.toml");
     std::fs::write(&path, &text)?;
     Ok(AgentConfig::parse(&text, &path)?)

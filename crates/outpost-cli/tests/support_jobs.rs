@@ -375,7 +375,7 @@ fn expired_jobs_are_expired_by_the_hub_and_refused_by_the_agent() {
         job["state"] == "expired" && job["rule"] == "expiry",
         "a job whose agent is away past its expiry should end expired (rule expiry) at the hub: {job}"
     );
-    restart_agent(&mut rig.agent, &rig.hub);
+    support::start_again(&mut rig.agent, &rig.hub);
     // The agent never saw it: nothing was sent on the new session either.
     assert_health_job_runs(&rig.hub, &rig.staff, &rig.agent, &rig.agent_id);
     assert_eq!(
@@ -856,9 +856,7 @@ fn audit_log_tampering_is_found_by_verify_and_by_the_hub_mirror() {
         lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
     )
     .unwrap();
-    let before = support::connections(&rig.agent);
-    rig.agent.restart();
-    support::wait_connected(&rig.agent, before, &rig.hub);
+    support::start_again(&mut rig.agent, &rig.hub);
     let problem = wait_until_explained(
         Duration::from_secs(20),
         "the hub's mirror reports a problem with the agent's log",
@@ -951,11 +949,7 @@ fn a_job_submitted_at_one_hub_runs_on_an_agent_connected_to_another() {
             support::context(&hub2, &[&agent])
         )
     };
-    assert!(
-        hub2.log().contains("agent connected"),
-        "the agent should be connected to hub 2\n{}",
-        context()
-    );
+    hub2.wait_for_log_line(Duration::from_secs(10), &["agent connected", &agent_id]);
 
     let api1 = hub1.api(Some(&staff));
     let id = submit_job(&api1, &agent_id, "health", json!({}), None);

@@ -86,9 +86,14 @@ pub fn wait_connected(agent: &Agent, before: usize, hub: &Hub) {
 /// Stops the agent with SIGTERM, waits for it to exit, starts it again and waits until it
 /// is connected again.
 pub fn restart_agent(agent: &mut Agent, hub: &Hub) {
-    let before = connections(agent);
     agent.terminate();
     agent.wait_exit(Duration::from_secs(20));
+    start_again(agent, hub);
+}
+
+/// Starts a stopped agent again and waits until it is connected again.
+pub fn start_again(agent: &mut Agent, hub: &Hub) {
+    let before = connections(agent);
     agent.restart();
     wait_connected(agent, before, hub);
 }

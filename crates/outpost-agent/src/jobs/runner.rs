@@ -159,6 +159,8 @@ struct Cleared {
     handler: Arc<dyn CapabilityHandler>,
     policy: Arc<Policy>,
     approver: Option<String>,
+    /// The policy rule that allowed it (None after an approval: the waiting rule stands).
+    rule: Option<String>,
 }
 
 impl Runner {
@@ -280,12 +282,13 @@ impl Runner {
         }
         tracing::info!(job_id = %spec.job_id, capability = %spec.capability, staff = %spec.staff, rule, "job decided");
         match (decision, handler, policy) {
-            (Decision::Allowed { .. }, Some(handler), Some(policy)) => Some(Cleared {
+            (Decision::Allowed { rule }, Some(handler), Some(policy)) => Some(Cleared {
                 dispatch_id,
                 spec,
                 handler,
                 policy,
                 approver: None,
+                rule: Some(rule),
             }),
             (Decision::AwaitingApproval { rule }, Some(_), Some(_)) => {
                 let waiting = WaitingJob {
@@ -589,6 +592,7 @@ impl Runner {
                 handler,
                 policy,
                 approver: None,
+                rule: None,
             }),
             _ => Err((
                 JobState::Refused,
@@ -685,10 +689,12 @@ impl Shared {
             handler,
             policy,
             approver,
+            rule: allowed_by,
         } = cleared;
         self.report(JobUpdate {
             job_id: Some(spec.job_id.clone()),
             approver: approver.clone(),
+            rule: allowed_by,
             reason: approver
                 .as_ref()
                 .map(|by| format!("approved at the practice by {by}")),
