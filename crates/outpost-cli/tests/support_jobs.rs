@@ -11,6 +11,8 @@
 //!   agent serving jobs. A compromised hub (or its database) is played by writing rows
 //!   into the hub's `jobs` table: the hub sends every `pending` row of a connected agent
 //!   verbatim (signed text, signature, row id as dispatch id) within about a second.
+//!   Beyond the table: with the hub's job key taken from its database, forged jobs still
+//!   get no further than the policy and the agent's expiry and nonce checks.
 //! - Local approval: approve, deny, and let one expire.
 //! - Audit tampering: `outpost audit verify` names the damaged line of edited, shortened
 //!   and reordered copies; an entry edited on disk is flagged by the hub's mirror on the
@@ -613,6 +615,99 @@ fn a_job_signed_for_another_agent_is_refused() {
         before,
         "a job signed for another agent, sent to this one",
     );
+    rig.keeps_serving();
+}
+
+/// Beyond the table: the hub's job key is in its database (`hub_keys`), so whoever owns
+/// the database can sign jobs. The agent's other checks and its policy still hold.
+#[test]
+fn a_hub_whose_job_key_is_stolen_can_do_no_more_than_the_policy_allows() {
+    let rig = Rig::start(|_| HEALTH_ONLY.to_owned());
+    let db = HubDb::of(&rig.hub);
+    let seed: [u8; 32] = db
+        .connect()
+        .query_row("SELECT seed FROM hub_keys WHERE name = 'job'", [], |r| {
+            r.get(0)
+        })
+        .expect("the hub's job key seed");
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let forge = |label: &str, capability: &str, args: Value, lifetime_ms: i64, nonce: String| {
+        let now = now_ms();
+        let spec = outpost_proto::JobSpec {
+            job_id: format!("job_stolen_key_{label}"),
+            agent_id: rig.agent_id.clone(),
+            capability: capability.to_owned(),
+            args: args.clone(),
+            staff: "mallory@vendor".into(),
+            issued_at_ms: now,
+            expires_at_ms: now + lifetime_ms,
+            nonce,
+        };
+        let signed = outpost_proto::sign_job(&spec, &key);
+        let row = JobRow {
+            rollout_id: "rol_forged".into(),
+            agent_id: rig.agent_id.clone(),
+            capability: capability.to_owned(),
+            staff: "mallory@vendor".into(),
+            args: args.to_string(),
+            signed_job: signed.job,
+            signature: signed.signature,
+        };
+        (db.insert_pending(&row, label), spec.job_id)
+    };
+    let fresh_nonce = || format!("{:032x}", rand::random::<u128>());
+
+    // The stolen key signs jobs the agent accepts: within the policy.
+    let (health, _) = forge("health", "health", json!({}), 600_000, fresh_nonce());
+    let job = wait_job_final(&rig.api, &health, || rig.context());
+    assert_eq!(
+        job["state"], "done",
+        "a health job signed with the stolen key should run (the policy allows health): {job}"
+    );
+
+    let week = 7 * 24 * 3600 * 1000;
+    for (label, capability, args, lifetime, nonce, rule, what) in [
+        (
+            "write",
+            "files.write",
+            json!({"path": "x.txt", "base64": "aGk="}),
+            600_000,
+            fresh_nonce(),
+            "default-deny",
+            "files.write signed with the stolen key",
+        ),
+        (
+            "policy",
+            "policy.write",
+            json!({"text": "[allow]\nshell = true\n"}),
+            600_000,
+            fresh_nonce(),
+            "unknown-capability",
+            "policy.write signed with the stolen key",
+        ),
+        (
+            "week",
+            "health",
+            json!({}),
+            week,
+            fresh_nonce(),
+            "expiry",
+            "a job signed to live for a week",
+        ),
+        (
+            "nonce",
+            "health",
+            json!({}),
+            600_000,
+            "short".to_owned(),
+            "replay",
+            "a job with a 5-character nonce",
+        ),
+    ] {
+        let before = rig.last_seq();
+        let (row, job_id) = forge(label, capability, args, lifetime, nonce);
+        rig.expect_refused(&row, &job_id, rule, before, what);
+    }
     rig.keeps_serving();
 }
 
