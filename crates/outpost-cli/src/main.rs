@@ -179,9 +179,10 @@ async fn run_agent(config_path: PathBuf, logs: LogBuffer) -> anyhow::Result<()> 
         for (name, addr) in &agent.listeners {
             tracing::info!(source = %name, %addr, "listening");
         }
+        // An agent without a hub drops the reload sender at once: that is no request.
         let reload_requested = tokio::select! {
             _ = stopping.cancelled() => false,
-            changed = reloads.changed() => changed.is_ok(),
+            true = async { reloads.changed().await.is_ok() } => true,
         };
         if reload_requested {
             // Let the job that asked report its result before the uplink goes.
