@@ -10,12 +10,14 @@ log() { echo "[test.sh] $*" >&2; }
 
 # Real peers the tests start on loopback: Python (python-hl7, hl7apy) in a venv of ours,
 # because Debian's own python3 is "externally managed"; PostgreSQL for the hub store;
-# Chromium for the dashboard.
+# Chromium for the dashboard; dcmtk and pydicom/pynetdicom for the DICOM gateway.
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && command -v psql >/dev/null || need_apt+=(postgresql)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/storescp ] && [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+command -v cc >/dev/null || need_apt+=(gcc)   # peers/bindlo.c keeps dcmtk's listeners on loopback
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -32,10 +34,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 VENV=target/peers-venv
-if ! "$VENV/bin/python" -c 'import hl7, hl7apy' 2>/dev/null; then
-  log "creating $VENV with python-hl7 and hl7apy"
+if ! "$VENV/bin/python" -c 'import hl7, hl7apy, pydicom, pynetdicom' 2>/dev/null; then
+  log "creating $VENV with python-hl7, hl7apy, pydicom and pynetdicom"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'hl7==0.4.5' 'hl7apy==1.3.5'
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'hl7==0.4.5' 'hl7apy==1.3.5' \
+    'pydicom==3.0.2' 'pynetdicom==3.0.4'
 fi
 export OUTPOST_PYTHON="$PWD/$VENV/bin/python"
 export PATH="$PWD/$VENV/bin:$PATH"   # python-hl7's mllp_send

@@ -9,7 +9,7 @@ use outpost_core::ConnectorName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::connectors::{hub, mllp, SinkKind, SourceKind};
+use crate::connectors::{dicom, hub, mllp, SinkKind, SourceKind};
 use crate::ConfigError;
 
 /// A loaded, checked agent config.
@@ -99,6 +99,15 @@ pub struct RouteConfig {
     /// `"ORU^R01"` takes `ORU^R01^ORU_R01`, `"ADT"` takes every ADT. Empty takes all.
     #[serde(default)]
     pub msh9: Vec<String>,
+    /// DICOM: only instances of these modalities (`"CT"`, `"MR"`…). Empty takes all.
+    #[serde(default)]
+    pub modality: Vec<String>,
+    /// DICOM: only instances sent by these calling AE titles. Empty takes all.
+    #[serde(default)]
+    pub calling_ae: Vec<String>,
+    /// DICOM: only instances of these SOP Class UIDs. Empty takes all.
+    #[serde(default)]
+    pub sop_class: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -138,9 +147,9 @@ fn default_shutdown_grace_secs() -> u64 {
 }
 
 /// The source kinds this version knows, for error messages.
-const SOURCE_KINDS: &str = "\"mllp\"";
+const SOURCE_KINDS: &str = "\"mllp\", \"dicom\"";
 /// The sink kinds this version knows, for error messages.
-const SINK_KINDS: &str = "\"mllp\", \"hub\"";
+const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\"";
 
 impl AgentConfig {
     /// Reads and checks the config file.
@@ -172,6 +181,9 @@ impl AgentConfig {
                 "mllp" => SourceKind::Mllp(
                     deserialize_at::<mllp::SourceConfig>(rest, &at).map_err(&invalid)?,
                 ),
+                "dicom" => SourceKind::Dicom(
+                    deserialize_at::<dicom::SourceConfig>(rest, &at).map_err(&invalid)?,
+                ),
                 other => return Err(invalid(unknown_kind(&at, other, SOURCE_KINDS))),
             };
             sources.push(SourceConfig { name, kind });
@@ -188,6 +200,9 @@ impl AgentConfig {
                 "hub" => {
                     SinkKind::Hub(deserialize_at::<hub::SinkConfig>(rest, &at).map_err(&invalid)?)
                 }
+                "dicom" => SinkKind::Dicom(
+                    deserialize_at::<dicom::SinkConfig>(rest, &at).map_err(&invalid)?,
+                ),
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
             sinks.push(SinkConfig { name, kind });
@@ -300,10 +315,32 @@ impl AgentConfig {
                     "key `route[{index}].to`: expected at least one sink name"
                 ));
             }
+            let source_is_dicom = self
+                .sources
+                .iter()
+                .any(|s| s.name == route.from && matches!(s.kind, SourceKind::Dicom(_)));
             for (to_index, to) in route.to.iter().enumerate() {
-                if !self.sinks.iter().any(|s| &s.name == to) {
+                let Some(sink) = self.sinks.iter().find(|s| &s.name == to) else {
                     return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
+                };
+                let sink_is_dicom = matches!(sink.kind, SinkKind::Dicom(_));
+                if source_is_dicom != sink_is_dicom {
+                    let (what, takes) = if source_is_dicom {
+                        ("DICOM instances", "a sink of kind \"dicom\"")
+                    } else {
+                        ("HL7 messages", "a sink of kind \"mllp\" or \"hub\"")
+                    };
+                    return Err(format!("key `route[{index}].to[{to_index}]`: source \"{}\" sends {what}, which need {takes}; sink \"{to}\" is of kind \"{}\"", route.from, sink.kind.kind_name()));
                 }
+            }
+            let filters_dicom = !route.modality.is_empty()
+                || !route.calling_ae.is_empty()
+                || !route.sop_class.is_empty();
+            if !source_is_dicom && filters_dicom {
+                return Err(format!("key `route[{index}]`: `modality`, `calling_ae` and `sop_class` filter DICOM instances, but source \"{}\" is not a DICOM source", route.from));
+            }
+            if source_is_dicom && !route.msh9.is_empty() {
+                return Err(format!("key `route[{index}].msh9`: filters HL7 messages, but source \"{}\" is a DICOM source (use modality, calling_ae or sop_class)", route.from));
             }
             for (filter_index, filter) in route.msh9.iter().enumerate() {
                 if filter.is_empty() || filter.split('^').any(str::is_empty) {
@@ -359,6 +396,34 @@ impl AgentConfig {
         for route in self.routes.iter().filter(|r| &r.from == source) {
             let is_accepted = route.msh9.is_empty()
                 || msh9.is_some_and(|t| route.msh9.iter().any(|f| msh9_matches(f, t)));
+            if is_accepted {
+                for sink in &route.to {
+                    if !sinks.contains(sink) {
+                        sinks.push(sink.clone());
+                    }
+                }
+            }
+        }
+        sinks
+    }
+}
+
+impl AgentConfig {
+    /// The sinks a DICOM instance from `source` goes to, by its modality, calling AE and
+    /// SOP class, each once, in config order.
+    pub fn sinks_for_instance(
+        &self,
+        source: &ConnectorName,
+        instance: &dicom::InstanceRecord,
+    ) -> Vec<ConnectorName> {
+        let accepts = |filter: &[String], value: Option<&str>| {
+            filter.is_empty() || value.is_some_and(|v| filter.iter().any(|f| f == v))
+        };
+        let mut sinks: Vec<ConnectorName> = Vec::new();
+        for route in self.routes.iter().filter(|r| &r.from == source) {
+            let is_accepted = accepts(&route.modality, instance.modality.as_deref())
+                && accepts(&route.calling_ae, Some(&instance.calling_ae))
+                && accepts(&route.sop_class, Some(&instance.sop_class_uid));
             if is_accepted {
                 for sink in &route.to {
                     if !sinks.contains(sink) {

@@ -229,6 +229,16 @@ async fn take_down(
                 Some(format!("this agent has no sink named {:?}", request.sink)),
             ))
         }
+        Some(sink) if matches!(sink.kind, SinkKind::Dicom(_)) => {
+            return Ok((
+                "refused",
+                None,
+                Some(format!(
+                    "sink {:?} takes DICOM instances, not HL7 messages",
+                    request.sink
+                )),
+            ))
+        }
         Some(sink) if matches!(sink.kind, SinkKind::Hub(_)) => {
             return Ok((
                 "refused",

@@ -129,46 +129,46 @@ pub async fn start_with(
             health: health.clone(),
             shutdown: shutdown.child_token(),
         };
-        match &source.kind {
-            SourceKind::Mllp(mllp_config) => {
-                let listener =
-                    mllp::bind_source(mllp_config)
-                        .await
-                        .map_err(|err| AgentError::Connector {
-                            kind: "source",
-                            name: source.name.to_string(),
-                            message: err.to_string(),
-                        })?;
-                if let Ok(addr) = listener.local_addr() {
-                    listeners.push((source.name.clone(), addr));
-                }
-                let mllp_config = mllp_config.clone();
-                // The listener bound above serves the first run; a restart binds again.
-                let bound = Arc::new(std::sync::Mutex::new(Some(listener)));
-                let span = tracing::info_span!("connector", name = %source.name, kind = "mllp");
-                let (name, health, stop) =
-                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
-                let control = controls.register(&name);
-                tasks.spawn(
-                    supervise(name, health, stop, "source", control, move |run_stop| {
-                        let (mllp_config, bound) = (mllp_config.clone(), bound.clone());
-                        let cx = SourceContext {
-                            shutdown: run_stop,
-                            ..cx.clone()
-                        };
-                        async move {
-                            let reused = bound.lock().ok().and_then(|mut slot| slot.take());
-                            let listener = match reused {
-                                Some(listener) => listener,
-                                None => mllp::bind_source(&mllp_config).await?,
-                            };
-                            mllp::run_source(mllp_config, listener, cx).await
-                        }
-                    })
-                    .instrument(span),
-                );
-            }
+        let listener = bind_source(&source.kind)
+            .await
+            .map_err(|err| AgentError::Connector {
+                kind: "source",
+                name: source.name.to_string(),
+                message: err.to_string(),
+            })?;
+        if let Ok(addr) = listener.local_addr() {
+            listeners.push((source.name.clone(), addr));
         }
+        let kind = source.kind.clone();
+        // The listener bound above serves the first run; a restart binds again.
+        let bound = Arc::new(std::sync::Mutex::new(Some(listener)));
+        let span =
+            tracing::info_span!("connector", name = %source.name, kind = source.kind.kind_name());
+        let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+        let control = controls.register(&name);
+        tasks.spawn(
+            supervise(name, health, stop, "source", control, move |run_stop| {
+                let (kind, bound) = (kind.clone(), bound.clone());
+                let cx = SourceContext {
+                    shutdown: run_stop,
+                    ..cx.clone()
+                };
+                async move {
+                    let reused = bound.lock().ok().and_then(|mut slot| slot.take());
+                    let listener = match reused {
+                        Some(listener) => listener,
+                        None => bind_source(&kind).await?,
+                    };
+                    match kind {
+                        SourceKind::Mllp(config) => mllp::run_source(config, listener, cx).await,
+                        SourceKind::Dicom(config) => {
+                            connectors::dicom::run_source(config, listener, cx).await
+                        }
+                    }
+                }
+            })
+            .instrument(span),
+        );
     }
 
     let uplink = if config.uses_hub() {
@@ -210,6 +210,7 @@ pub async fn start_with(
             health: health.clone(),
             shutdown: shutdown.child_token(),
             uplink: uplink.clone(),
+            data_dir: config.data_dir.clone(),
         };
         match &sink.kind {
             SinkKind::Mllp(mllp_config) => {
@@ -225,6 +226,23 @@ pub async fn start_with(
                             ..cx.clone()
                         };
                         mllp::run_sink(mllp_config.clone(), cx)
+                    })
+                    .instrument(span),
+                );
+            }
+            SinkKind::Dicom(dicom_config) => {
+                let dicom_config = dicom_config.clone();
+                let span = tracing::info_span!("connector", name = %sink.name, kind = "dicom");
+                let (name, health, stop) =
+                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+                let control = controls.register(&name);
+                tasks.spawn(
+                    supervise(name, health, stop, "sink", control, move |run_stop| {
+                        let cx = SinkContext {
+                            shutdown: run_stop,
+                            ..cx.clone()
+                        };
+                        connectors::dicom::run_sink(dicom_config.clone(), cx)
                     })
                     .instrument(span),
                 );
@@ -252,7 +270,13 @@ pub async fn start_with(
     let purge_queue = queue.clone();
     let retention = config.retention;
     let purge_stop = shutdown.child_token();
-    tasks.spawn(async move { purge_periodically(purge_queue, retention, purge_stop).await });
+    let blobs = config
+        .sources
+        .iter()
+        .any(|s| matches!(s.kind, SourceKind::Dicom(_)))
+        .then(|| outpost_queue::blob::BlobStore::open(&config.data_dir).ok())
+        .flatten();
+    tasks.spawn(async move { purge_periodically(purge_queue, retention, blobs, purge_stop).await });
 
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -288,6 +312,14 @@ pub async fn start_with(
         shutdown,
         supervisor,
     })
+}
+
+/// Binds a listening source's address.
+async fn bind_source(kind: &SourceKind) -> Result<tokio::net::TcpListener, ConnectorError> {
+    match kind {
+        SourceKind::Mllp(config) => mllp::bind_source(config).await,
+        SourceKind::Dicom(config) => connectors::dicom::bind_source(config).await,
+    }
 }
 
 /// Runs a connector, restarting it with backoff whenever it fails, until shutdown. A
@@ -367,7 +399,12 @@ async fn supervise<F, Fut>(
     }
 }
 
-async fn purge_periodically(queue: Queue, retention: Duration, shutdown: CancellationToken) {
+async fn purge_periodically(
+    queue: Queue,
+    retention: Duration,
+    blobs: Option<outpost_queue::blob::BlobStore>,
+    shutdown: CancellationToken,
+) {
     let mut interval = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tokio::select! {
@@ -385,5 +422,39 @@ async fn purge_periodically(queue: Queue, retention: Duration, shutdown: Cancell
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "purge failed"),
         }
+        if let Some(blobs) = &blobs {
+            remove_orphan_blobs(&queue, blobs).await;
+        }
+    }
+}
+
+/// Deletes blobs whose queue item was purged, and unfinished ones left by a crash (never
+/// acknowledged to a sender: the SCP answers only after the commit).
+async fn remove_orphan_blobs(queue: &Queue, blobs: &outpost_queue::blob::BlobStore) {
+    const UNFINISHED_AFTER: Duration = Duration::from_secs(3600);
+    let names = match blobs.list(UNFINISHED_AFTER).await {
+        Ok(names) => names,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot list blobs");
+            return;
+        }
+    };
+    let mut removed = 0usize;
+    for name in names {
+        match queue.find_by_external_ref(&name).await {
+            Ok(None) => {
+                if blobs.remove(&name).await.is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(Some(_)) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot check a blob against the queue");
+                return;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(blobs = removed, "removed blobs of purged instances");
     }
 }

@@ -7,6 +7,7 @@ mod approvals;
 mod audit;
 mod bench;
 mod demo;
+mod dicom;
 mod downstream;
 mod hub;
 mod inspect;
@@ -71,6 +72,11 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         action: inspect::QueueAction,
+    },
+    /// DICOM tools: C-ECHO a node, C-STORE files to it.
+    Dicom {
+        #[command(subcommand)]
+        action: dicom::DicomAction,
     },
     /// HL7 tools.
     Hl7 {
@@ -147,6 +153,7 @@ async fn dispatch(command: Command, logs: LogBuffer) -> anyhow::Result<()> {
             inspect::queue(&load_config(&required(config)?)?, action).await
         }
         Command::Hl7 { action } => inspect::hl7(action).await,
+        Command::Dicom { action } => dicom::run(action).await,
         Command::Audit { action } => audit::run(action),
         Command::Job { action } => job::run(action).await,
         Command::Approvals { config, action } => {

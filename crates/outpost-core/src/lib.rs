@@ -85,6 +85,8 @@ impl<'de> Deserialize<'de> for ConnectorName {
 pub enum ItemKind {
     /// One HL7 v2 message in ER7 encoding, segments ended by CR.
     Hl7,
+    /// One DICOM instance: the payload is a small record naming its encrypted blob.
+    Dicom,
 }
 
 impl ItemKind {
@@ -92,6 +94,7 @@ impl ItemKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hl7 => "hl7",
+            Self::Dicom => "dicom",
         }
     }
 }
@@ -101,6 +104,7 @@ impl FromStr for ItemKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "hl7" => Ok(Self::Hl7),
+            "dicom" => Ok(Self::Dicom),
             other => Err(NameError::UnknownKind(other.to_owned())),
         }
     }

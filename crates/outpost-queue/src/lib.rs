@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blob;
 mod error;
 mod read;
 mod schema;

@@ -2,6 +2,7 @@
 //! becomes. Adding a kind means one folder here and one variant in [`SourceKind`] or
 //! [`SinkKind`]; the compiler then points at each `match` that needs an arm.
 
+pub mod dicom;
 pub mod hub;
 pub mod mllp;
 
@@ -21,6 +22,8 @@ use crate::watch::DeliveryWatch;
 pub enum SourceKind {
     /// HL7 v2 over MLLP, listening.
     Mllp(mllp::SourceConfig),
+    /// DICOM storage SCP, listening.
+    Dicom(dicom::SourceConfig),
 }
 
 /// Every sink kind.
@@ -30,6 +33,8 @@ pub enum SinkKind {
     Mllp(mllp::SinkConfig),
     /// The vendor's hub, over the agent's uplink session.
     Hub(hub::SinkConfig),
+    /// A PACS, by DICOM C-STORE.
+    Dicom(dicom::SinkConfig),
 }
 
 impl SourceKind {
@@ -37,6 +42,7 @@ impl SourceKind {
     pub fn kind_name(&self) -> &'static str {
         match self {
             Self::Mllp(_) => "mllp",
+            Self::Dicom(_) => "dicom",
         }
     }
 
@@ -44,6 +50,7 @@ impl SourceKind {
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         match self {
             Self::Mllp(config) => Some(config.listen.0),
+            Self::Dicom(config) => Some(config.listen.0),
         }
     }
 
@@ -51,6 +58,7 @@ impl SourceKind {
     pub fn acks_on_delivery(&self) -> bool {
         match self {
             Self::Mllp(config) => config.ack == mllp::AckMode::OnDelivery,
+            Self::Dicom(_) => false,
         }
     }
 }
@@ -61,6 +69,7 @@ impl SinkKind {
         match self {
             Self::Mllp(_) => "mllp",
             Self::Hub(_) => "hub",
+            Self::Dicom(_) => "dicom",
         }
     }
 
@@ -68,7 +77,7 @@ impl SinkKind {
     pub fn returns_acks(&self) -> bool {
         match self {
             Self::Mllp(_) => true,
-            Self::Hub(_) => false,
+            Self::Hub(_) | Self::Dicom(_) => false,
         }
     }
 }
@@ -108,4 +117,6 @@ pub struct SinkContext {
     /// The hub session, when the agent has one: hub sinks send through it, and every sink
     /// reports the fate of messages that came down from the hub.
     pub uplink: Option<outpost_uplink::UplinkHandle>,
+    /// The agent's data directory (blobs live under it).
+    pub data_dir: std::path::PathBuf,
 }

@@ -1,0 +1,524 @@
+//! Large payloads (DICOM instances) as encrypted files beside the queue: the queue item
+//! holds only a small sealed record naming the blob and its key, so the queue database
+//! stays small however big the instances are, and the blob is unreadable without that
+//! record (which is itself sealed under the queue key).
+//!
+//! Each blob has its own random key. Its content is cut into chunks of [`CHUNK_BYTES`],
+//! each sealed with XChaCha20-Poly1305 under a nonce made of a random per-blob prefix, the
+//! chunk's index and a flag on the last chunk (the STREAM construction), so chunks cannot
+//! be reordered, dropped or the file cut short without the reader noticing. Memory stays
+//! at one chunk whatever the blob's size.
+//!
+//! A blob is written under `blobs/tmp/` and renamed into `blobs/` after an fsync of the
+//! file and, on rename, of the folder: a blob a queue item names is complete on disk.
+
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+
+/// Plaintext bytes per sealed chunk.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+const MAGIC: &[u8; 8] = b"OPBLOB1\0";
+const PREFIX_BYTES: usize = 19;
+const TAG_BYTES: usize = 16;
+
+/// What can go wrong with a blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The file system failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a blob, was cut short, or was changed.
+    #[error("{path}: {problem}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A blob name that is not one this store makes.
+    #[error("{0:?} is not a blob name")]
+    BadName(String),
+}
+
+/// How to find and open a blob: kept (sealed) in the queue item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    /// The file name under `blobs/`.
+    pub name: String,
+    /// Its key.
+    pub key: [u8; 32],
+    /// Plaintext length.
+    pub len: u64,
+}
+
+/// The blob folder of a data directory.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+impl BlobStore {
+    /// The store under `data_dir/blobs`, created if needed.
+    pub fn open(data_dir: &Path) -> Result<BlobStore, BlobError> {
+        let dir = data_dir.join("blobs");
+        std::fs::create_dir_all(dir.join("tmp")).map_err(|source| BlobError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(BlobStore { dir })
+    }
+
+    /// Starts a new blob.
+    pub async fn create(&self) -> Result<BlobWriter, BlobError> {
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let name = format!("{}.blob", hex(&id));
+        let tmp = self.dir.join("tmp").join(&name);
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .map_err(|source| BlobError::Io {
+                path: tmp.clone(),
+                source,
+            })?;
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let mut prefix = [0u8; PREFIX_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut prefix);
+        let mut writer = BlobWriter {
+            dir: self.dir.clone(),
+            name,
+            tmp,
+            file: BufWriter::with_capacity(CHUNK_BYTES + 64, file),
+            cipher: XChaCha20Poly1305::new(&key.into()),
+            key,
+            prefix,
+            chunk: Vec::with_capacity(CHUNK_BYTES),
+            index: 0,
+            len: 0,
+        };
+        let mut header = Vec::with_capacity(MAGIC.len() + PREFIX_BYTES);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&prefix);
+        writer.write_raw(&header).await?;
+        Ok(writer)
+    }
+
+    /// The path of a blob by name.
+    pub fn path(&self, name: &str) -> Result<PathBuf, BlobError> {
+        let valid = name.len() == 37
+            && name.ends_with(".blob")
+            && name[..32].chars().all(|c| c.is_ascii_hexdigit());
+        if !valid {
+            return Err(BlobError::BadName(name.chars().take(64).collect()));
+        }
+        Ok(self.dir.join(name))
+    }
+
+    /// Opens a blob for reading.
+    pub async fn open_reader(&self, blob: &BlobRef) -> Result<BlobReader, BlobError> {
+        let path = self.path(&blob.name)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| BlobError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let mut header = [0u8; 8 + PREFIX_BYTES];
+        file.read_exact(&mut header)
+            .await
+            .map_err(|_| damaged(&path, "shorter than a blob header"))?;
+        if &header[..8] != MAGIC {
+            return Err(damaged(&path, "not an Outpost blob"));
+        }
+        let mut prefix = [0u8; PREFIX_BYTES];
+        prefix.copy_from_slice(&header[8..]);
+        Ok(BlobReader {
+            path,
+            file: tokio::io::BufReader::with_capacity(CHUNK_BYTES + 64, file),
+            cipher: XChaCha20Poly1305::new(&blob.key.into()),
+            prefix,
+            index: 0,
+            finished: false,
+        })
+    }
+
+    /// Deletes a blob (after its item was purged); a missing one is not an error.
+    pub async fn remove(&self, name: &str) -> Result<(), BlobError> {
+        let path = self.path(name)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
+    }
+
+    /// Names of the finished blobs, and removes unfinished ones older than `stale` (left by
+    /// a crash mid-instance, never acknowledged to anyone).
+    pub async fn list(&self, stale: std::time::Duration) -> Result<Vec<String>, BlobError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BlobError::Io { path, source }
+        };
+        let tmp = self.dir.join("tmp");
+        let mut entries = tokio::fs::read_dir(&tmp).await.map_err(io(&tmp))?;
+        while let Some(entry) = entries.next_entry().await.map_err(io(&tmp))? {
+            let old = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > stale);
+            if old {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+        let mut names = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.dir)
+            .await
+            .map_err(io(&self.dir))?;
+        while let Some(entry) = entries.next_entry().await.map_err(io(&self.dir))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if self.path(&name).is_ok() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// A blob being written.
+pub struct BlobWriter {
+    dir: PathBuf,
+    name: String,
+    tmp: PathBuf,
+    file: BufWriter<tokio::fs::File>,
+    cipher: XChaCha20Poly1305,
+    key: [u8; 32],
+    prefix: [u8; PREFIX_BYTES],
+    chunk: Vec<u8>,
+    index: u32,
+    len: u64,
+}
+
+impl BlobWriter {
+    /// Appends plaintext.
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), BlobError> {
+        while !bytes.is_empty() {
+            let room = CHUNK_BYTES - self.chunk.len();
+            let take = room.min(bytes.len());
+            self.chunk.extend_from_slice(&bytes[..take]);
+            self.len += take as u64;
+            bytes = &bytes[take..];
+            if self.chunk.len() == CHUNK_BYTES {
+                self.seal_chunk(false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plaintext bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Seals the last chunk, syncs the file, moves it into place and syncs the folder.
+    /// Returns what the queue item must keep to read it back.
+    pub async fn finish(mut self) -> Result<BlobRef, BlobError> {
+        self.seal_chunk(true).await?;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BlobError::Io { path, source }
+        };
+        self.file.flush().await.map_err(io(&self.tmp))?;
+        self.file
+            .get_mut()
+            .sync_all()
+            .await
+            .map_err(io(&self.tmp))?;
+        let path = self.dir.join(&self.name);
+        tokio::fs::rename(&self.tmp, &path)
+            .await
+            .map_err(io(&path))?;
+        sync_dir(&self.dir).await.map_err(io(&self.dir))?;
+        Ok(BlobRef {
+            name: self.name,
+            key: self.key,
+            len: self.len,
+        })
+    }
+
+    /// Throws the blob away.
+    pub async fn abort(self) {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+    }
+
+    async fn seal_chunk(&mut self, last: bool) -> Result<(), BlobError> {
+        let nonce = nonce(&self.prefix, self.index, last);
+        let sealed = self
+            .cipher
+            .encrypt(&nonce, self.chunk.as_slice())
+            .map_err(|_| damaged(&self.tmp, "sealing failed"))?;
+        self.chunk.clear();
+        self.index = self
+            .index
+            .checked_add(1)
+            .ok_or_else(|| damaged(&self.tmp, "blob too large"))?;
+        let mut framed = Vec::with_capacity(4 + sealed.len());
+        framed.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&sealed);
+        self.write_raw(&framed).await
+    }
+
+    async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), BlobError> {
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(|source| BlobError::Io {
+                path: self.tmp.clone(),
+                source,
+            })
+    }
+}
+
+/// A blob being read, chunk by chunk.
+pub struct BlobReader {
+    path: PathBuf,
+    file: tokio::io::BufReader<tokio::fs::File>,
+    cipher: XChaCha20Poly1305,
+    prefix: [u8; PREFIX_BYTES],
+    index: u32,
+    finished: bool,
+}
+
+impl BlobReader {
+    /// The next chunk of plaintext, or `None` after the last one. A file cut short,
+    /// reordered or edited is an error, never silently short data.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, BlobError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        self.file
+            .read_exact(&mut len)
+            .await
+            .map_err(|_| damaged(&self.path, "cut short: the last chunk is missing"))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if !(TAG_BYTES..=CHUNK_BYTES + TAG_BYTES).contains(&len) {
+            return Err(damaged(&self.path, "a chunk has an impossible length"));
+        }
+        let mut sealed = vec![0u8; len];
+        self.file
+            .read_exact(&mut sealed)
+            .await
+            .map_err(|_| damaged(&self.path, "cut short inside a chunk"))?;
+        let index = self.index;
+        // A chunk either opens as a middle chunk or as the last one; anything else was
+        // changed, moved or comes from another blob.
+        let plain = match self
+            .cipher
+            .decrypt(&nonce(&self.prefix, index, false), sealed.as_slice())
+        {
+            Ok(plain) => plain,
+            Err(_) => {
+                let plain = self
+                    .cipher
+                    .decrypt(&nonce(&self.prefix, index, true), sealed.as_slice())
+                    .map_err(|_| {
+                        damaged(&self.path, "a chunk does not open: changed or out of order")
+                    })?;
+                self.finished = true;
+                let mut rest = [0u8; 1];
+                if self.file.read(&mut rest).await.unwrap_or(0) != 0 {
+                    return Err(damaged(&self.path, "bytes after the last chunk"));
+                }
+                plain
+            }
+        };
+        self.index = index.wrapping_add(1);
+        Ok(Some(plain))
+    }
+
+    /// The whole blob as an `AsyncRead` (for sending it somewhere).
+    pub fn into_async_read(self) -> impl tokio::io::AsyncRead + Send + Unpin {
+        let chunks = futures_lite_unfold(self);
+        tokio_util::io::StreamReader::new(chunks)
+    }
+}
+
+fn futures_lite_unfold(
+    reader: BlobReader,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>> {
+    Box::pin(futures::stream::unfold(reader, |mut reader| async move {
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), reader)),
+            Ok(None) => None,
+            Err(err) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    err.to_string(),
+                )),
+                reader,
+            )),
+        }
+    }))
+}
+
+fn nonce(prefix: &[u8; PREFIX_BYTES], index: u32, last: bool) -> XNonce {
+    let mut nonce = [0u8; 24];
+    nonce[..PREFIX_BYTES].copy_from_slice(prefix);
+    nonce[PREFIX_BYTES..PREFIX_BYTES + 4].copy_from_slice(&index.to_be_bytes());
+    nonce[23] = u8::from(last);
+    nonce.into()
+}
+
+fn damaged(path: &Path, problem: &str) -> BlobError {
+    BlobError::Damaged {
+        path: path.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Makes a rename durable: on Unix the folder's entry must be synced too.
+#[cfg(unix)]
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// Windows cannot open a folder as a file; NTFS journals the rename itself.
+#[cfg(not(unix))]
+async fn sync_dir(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn write_blob(store: &BlobStore, data: &[u8], piece: usize) -> BlobRef {
+        let mut writer = store.create().await.unwrap();
+        for part in data.chunks(piece.max(1)) {
+            writer.write(part).await.unwrap();
+        }
+        writer.finish().await.unwrap()
+    }
+
+    async fn read_all(store: &BlobStore, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
+        let mut reader = store.open_reader(blob).await?;
+        let mut all = Vec::new();
+        while let Some(chunk) = reader.next_chunk().await? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all)
+    }
+
+    #[tokio::test]
+    async fn blobs_of_any_size_round_trip_and_are_not_plaintext_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        for size in [
+            0,
+            1,
+            CHUNK_BYTES - 1,
+            CHUNK_BYTES,
+            CHUNK_BYTES + 1,
+            3 * CHUNK_BYTES + 17,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let blob = write_blob(&store, &data, 7_001).await;
+            assert_eq!(blob.len, size as u64);
+            assert_eq!(read_all(&store, &blob).await.unwrap(), data, "size {size}");
+            let on_disk = std::fs::read(store.path(&blob.name).unwrap()).unwrap();
+            if size > 64 {
+                assert!(
+                    !on_disk.windows(64).any(|w| w == &data[..64]),
+                    "plaintext on disk"
+                );
+            }
+        }
+        let mut async_read = store
+            .open_reader(&write_blob(&store, b"hello blob", 3).await)
+            .await
+            .unwrap()
+            .into_async_read();
+        let mut text = String::new();
+        async_read.read_to_string(&mut text).await.unwrap();
+        assert_eq!(text, "hello blob");
+    }
+
+    #[tokio::test]
+    async fn a_cut_edited_or_wrongly_keyed_blob_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 2 * CHUNK_BYTES + 5];
+        let blob = write_blob(&store, &data, 65_536).await;
+        let path = store.path(&blob.name).unwrap();
+        let original = std::fs::read(&path).unwrap();
+
+        // Cut at a chunk boundary: the last chunk is missing.
+        let boundary = 8 + PREFIX_BYTES + 2 * (4 + CHUNK_BYTES + TAG_BYTES);
+        std::fs::write(&path, &original[..boundary]).unwrap();
+        assert!(read_all(&store, &blob).await.is_err());
+        // One byte changed.
+        let mut edited = original.clone();
+        edited[100] ^= 1;
+        std::fs::write(&path, &edited).unwrap();
+        assert!(read_all(&store, &blob).await.is_err());
+        // The wrong key.
+        std::fs::write(&path, &original).unwrap();
+        let wrong = BlobRef {
+            key: [9; 32],
+            ..blob.clone()
+        };
+        assert!(read_all(&store, &wrong).await.is_err());
+        assert_eq!(read_all(&store, &blob).await.unwrap(), data);
+        assert!(matches!(
+            store.path("../x.blob"),
+            Err(BlobError::BadName(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn aborted_blobs_leave_nothing_and_stale_ones_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let mut writer = store.create().await.unwrap();
+        writer.write(b"half an instance").await.unwrap();
+        writer.abort().await;
+        let _left = store.create().await.unwrap();
+        assert_eq!(
+            store.list(std::time::Duration::ZERO).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}
