@@ -149,7 +149,7 @@ fn default_shutdown_grace_secs() -> u64 {
 /// The source kinds this version knows, for error messages.
 const SOURCE_KINDS: &str = "\"mllp\", \"dicom\"";
 /// The sink kinds this version knows, for error messages.
-const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\"";
+const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\", \"stow\"";
 
 impl AgentConfig {
     /// Reads and checks the config file.
@@ -202,6 +202,9 @@ impl AgentConfig {
                 }
                 "dicom" => SinkKind::Dicom(
                     deserialize_at::<dicom::SinkConfig>(rest, &at).map_err(&invalid)?,
+                ),
+                "stow" => SinkKind::Stow(
+                    deserialize_at::<dicom::StowSinkConfig>(rest, &at).map_err(&invalid)?,
                 ),
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
@@ -323,10 +326,10 @@ impl AgentConfig {
                 let Some(sink) = self.sinks.iter().find(|s| &s.name == to) else {
                     return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
                 };
-                let sink_is_dicom = matches!(sink.kind, SinkKind::Dicom(_));
+                let sink_is_dicom = matches!(sink.kind, SinkKind::Dicom(_) | SinkKind::Stow(_));
                 if source_is_dicom != sink_is_dicom {
                     let (what, takes) = if source_is_dicom {
-                        ("DICOM instances", "a sink of kind \"dicom\"")
+                        ("DICOM instances", "a sink of kind \"dicom\" or \"stow\"")
                     } else {
                         ("HL7 messages", "a sink of kind \"mllp\" or \"hub\"")
                     };

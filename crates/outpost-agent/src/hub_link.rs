@@ -229,7 +229,7 @@ async fn take_down(
                 Some(format!("this agent has no sink named {:?}", request.sink)),
             ))
         }
-        Some(sink) if matches!(sink.kind, SinkKind::Dicom(_)) => {
+        Some(sink) if matches!(sink.kind, SinkKind::Dicom(_) | SinkKind::Stow(_)) => {
             return Ok((
                 "refused",
                 None,

@@ -212,59 +212,21 @@ pub async fn start_with(
             uplink: uplink.clone(),
             data_dir: config.data_dir.clone(),
         };
-        match &sink.kind {
-            SinkKind::Mllp(mllp_config) => {
-                let mllp_config = mllp_config.clone();
-                let span = tracing::info_span!("connector", name = %sink.name, kind = "mllp");
-                let (name, health, stop) =
-                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
-                let control = controls.register(&name);
-                tasks.spawn(
-                    supervise(name, health, stop, "sink", control, move |run_stop| {
-                        let cx = SinkContext {
-                            shutdown: run_stop,
-                            ..cx.clone()
-                        };
-                        mllp::run_sink(mllp_config.clone(), cx)
-                    })
-                    .instrument(span),
-                );
-            }
-            SinkKind::Dicom(dicom_config) => {
-                let dicom_config = dicom_config.clone();
-                let span = tracing::info_span!("connector", name = %sink.name, kind = "dicom");
-                let (name, health, stop) =
-                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
-                let control = controls.register(&name);
-                tasks.spawn(
-                    supervise(name, health, stop, "sink", control, move |run_stop| {
-                        let cx = SinkContext {
-                            shutdown: run_stop,
-                            ..cx.clone()
-                        };
-                        connectors::dicom::run_sink(dicom_config.clone(), cx)
-                    })
-                    .instrument(span),
-                );
-            }
-            SinkKind::Hub(hub_config) => {
-                let hub_config = hub_config.clone();
-                let span = tracing::info_span!("connector", name = %sink.name, kind = "hub");
-                let (name, health, stop) =
-                    (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
-                let control = controls.register(&name);
-                tasks.spawn(
-                    supervise(name, health, stop, "sink", control, move |run_stop| {
-                        let cx = SinkContext {
-                            shutdown: run_stop,
-                            ..cx.clone()
-                        };
-                        connectors::hub::run_sink(hub_config.clone(), cx)
-                    })
-                    .instrument(span),
-                );
-            }
-        }
+        let kind = sink.kind.clone();
+        let span =
+            tracing::info_span!("connector", name = %sink.name, kind = sink.kind.kind_name());
+        let (name, health, stop) = (cx.name.clone(), cx.health.clone(), cx.shutdown.clone());
+        let control = controls.register(&name);
+        tasks.spawn(
+            supervise(name, health, stop, "sink", control, move |run_stop| {
+                let cx = SinkContext {
+                    shutdown: run_stop,
+                    ..cx.clone()
+                };
+                run_sink(kind.clone(), cx)
+            })
+            .instrument(span),
+        );
     }
 
     let purge_queue = queue.clone();
@@ -312,6 +274,16 @@ pub async fn start_with(
         shutdown,
         supervisor,
     })
+}
+
+/// Runs one sink of any kind until shutdown.
+async fn run_sink(kind: SinkKind, cx: SinkContext) -> Result<(), ConnectorError> {
+    match kind {
+        SinkKind::Mllp(config) => mllp::run_sink(config, cx).await,
+        SinkKind::Hub(config) => connectors::hub::run_sink(config, cx).await,
+        SinkKind::Dicom(config) => connectors::dicom::run_sink(config, cx).await,
+        SinkKind::Stow(config) => connectors::dicom::run_stow_sink(config, cx).await,
+    }
 }
 
 /// Binds a listening source's address.

@@ -107,6 +107,7 @@ pub async fn serve<S: InstanceStore>(
     shutdown: CancellationToken,
 ) -> Result<(), DicomError> {
     config.validate()?;
+    let listening = listener.local_addr().unwrap_or(config.listen);
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_associations));
     let mut tasks = JoinSet::new();
@@ -124,7 +125,7 @@ pub async fn serve<S: InstanceStore>(
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Usually out of file descriptors: wait instead of spinning.
-                        warn!(ae_title = %config.ae_title, "accept on {}: {e}", config.listen);
+                        warn!(ae_title = %config.ae_title, "accept on {listening}: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -153,8 +154,7 @@ pub async fn serve<S: InstanceStore>(
     drop(listener);
     info!(
         ae_title = %config.ae_title,
-        "stopped accepting on {}; waiting for {} association(s)",
-        config.listen,
+        "stopped accepting on {listening}; waiting for {} association(s)",
         tasks.len()
     );
     // Each association ends itself within `timeout` of the cancel; the margin covers
@@ -509,9 +509,7 @@ impl<S: InstanceStore> Session<S> {
             None
         };
         if let Some((code, comment)) = refusal {
-            info!(peer = %self.peer, calling_ae = %self.calling_ae,
-                "refusing C-STORE of sop instance {sop_instance_uid} from {} at {}: {code:#06x} {comment}",
-                self.calling_ae, self.peer);
+            // finish() logs the refusal once the data set has been read.
             let refusal = StoreStatus { code, comment };
             return self
                 .refuse(context.id, &context, command, message_id, refusal)
@@ -567,7 +565,7 @@ impl<S: InstanceStore> Session<S> {
             Err(refusal) => flight.refusal = Some(refusal),
         }
         if let Some(refusal) = &flight.refusal {
-            info!(peer = %self.peer, calling_ae = %self.calling_ae,
+            debug!(peer = %self.peer, calling_ae = %self.calling_ae,
                 "store refused sop instance {} from {} at {}: {:#06x} {}; reading and dropping its data set",
                 flight.sop_instance_uid, self.calling_ae, self.peer, refusal.code, refusal.comment);
         }
@@ -633,7 +631,7 @@ impl<S: InstanceStore> Session<S> {
             .extend_from_slice(&pdv.data[..room.min(pdv.data.len())]);
         if let Some(writer) = flight.writer.as_mut() {
             if let Err(refusal) = writer.write(&pdv.data).await {
-                info!(peer = %self.peer, calling_ae = %self.calling_ae,
+                debug!(peer = %self.peer, calling_ae = %self.calling_ae,
                     "writing sop instance {} failed after {} bytes: {:#06x} {}; reading and dropping the rest",
                     flight.sop_instance_uid, flight.bytes, refusal.code, refusal.comment);
                 if let Some(writer) = flight.writer.take() {

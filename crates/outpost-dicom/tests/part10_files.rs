@@ -33,7 +33,7 @@ fn pydicom_attributes() -> Vec<Vec<Option<String>>> {
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .map(|line| parse_json_list(line))
+        .map(parse_json_list)
         .collect()
 }
 

@@ -35,6 +35,8 @@ pub enum SinkKind {
     Hub(hub::SinkConfig),
     /// A PACS, by DICOM C-STORE.
     Dicom(dicom::SinkConfig),
+    /// A DICOMweb server, by STOW-RS.
+    Stow(dicom::StowSinkConfig),
 }
 
 impl SourceKind {
@@ -70,6 +72,7 @@ impl SinkKind {
             Self::Mllp(_) => "mllp",
             Self::Hub(_) => "hub",
             Self::Dicom(_) => "dicom",
+            Self::Stow(_) => "stow",
         }
     }
 
@@ -77,7 +80,7 @@ impl SinkKind {
     pub fn returns_acks(&self) -> bool {
         match self {
             Self::Mllp(_) => true,
-            Self::Hub(_) | Self::Dicom(_) => false,
+            Self::Hub(_) | Self::Dicom(_) | Self::Stow(_) => false,
         }
     }
 }

@@ -60,9 +60,23 @@ pub fn samples() -> Vec<Sample> {
                 ("SC_rgb_rle.dcm", "-xr"),
                 ("JPEG2000.dcm", "-xw"),
             ];
+            // MR_small_implicit shares its SOP Instance UID with MR_small; a copy with its own
+            // UID keeps instances distinguishable at the receiver.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("outpost-dicom-samples");
+            std::fs::create_dir_all(&dir).unwrap();
             let script = format!(
-                "from pydicom.data import get_testdata_file as g\nfor n in {:?}: print(g(n))",
-                names.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+                "import os, pydicom\n\
+                 from pydicom.data import get_testdata_file as g\n\
+                 for n in {names:?}:\n\
+                 \x20   p = g(n)\n\
+                 \x20   if n == 'MR_small_implicit.dcm':\n\
+                 \x20       d = pydicom.dcmread(p)\n\
+                 \x20       d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID + '.99'\n\
+                 \x20       p = os.path.join({dir:?}, n)\n\
+                 \x20       d.save_as(p, enforce_file_format=True)\n\
+                 \x20   print(p)",
+                names = names.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                dir = dir.display().to_string(),
             );
             let out = std::process::Command::new("python3")
                 .args(["-c", &script])
@@ -96,6 +110,15 @@ pub fn dataset_bytes(path: &Path) -> Vec<u8> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let meta = read_part10_meta(&bytes[..]).unwrap();
     bytes[meta.dataset_offset as usize..].to_vec()
+}
+
+/// Whether `received` is `source` as a sender re-encoding it would send it: identical, or
+/// identical up to a trailing (FFFC,FFFC) Data Set Trailing Padding element, which dcmtk
+/// drops when it sends (PS3.10 §7.2 lets any application remove it).
+pub fn same_dataset(received: &[u8], source: &[u8]) -> bool {
+    received == source
+        || (source.starts_with(received)
+            && source[received.len()..].starts_with(&[0xFC, 0xFF, 0xFC, 0xFF]))
 }
 
 /// Counts what happened to the instances a [`FileStore`] was given.
@@ -307,6 +330,10 @@ struct Capture;
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         LOG.lock().unwrap().extend_from_slice(buf);
+        // OUTPOST_TEST_LOG=1 also shows the lines while debugging a test.
+        if std::env::var_os("OUTPOST_TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

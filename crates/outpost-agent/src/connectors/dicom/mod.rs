@@ -4,8 +4,10 @@
 //! the blob is on disk and its record committed to the queue does the modality hear
 //! "success".
 
+mod batch;
 mod sink;
 mod source;
+mod stow;
 
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use sink::run_sink;
 pub use source::{bind_source, run_source};
+pub use stow::run_sink as run_stow_sink;
 
 use super::mllp::{ConnectAddr, ListenAddr};
 
@@ -71,6 +74,10 @@ pub struct SinkConfig {
     /// The longest backoff.
     #[serde(default = "default_retry_max_secs")]
     pub retry_max_secs: u64,
+    /// Forward a study only once no instance of it has arrived for this long; absent:
+    /// forward instances as they come.
+    #[serde(default)]
+    pub study_quiet_secs: Option<u64>,
 }
 
 impl SinkConfig {
@@ -83,6 +90,70 @@ impl SinkConfig {
     }
 }
 
+/// `[[sink]] kind = "stow"`: DICOMweb STOW-RS, one request per study batch.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StowSinkConfig {
+    /// The `/studies` resource, e.g. `"http://127.0.0.1:8042/dicom-web/studies"`.
+    pub url: String,
+    /// Sent as `Authorization: Bearer …`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// HTTP basic authentication user (with `password`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// HTTP basic authentication password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Instances per request, at most.
+    #[serde(default = "default_stow_batch")]
+    pub batch: usize,
+    /// Request timeout; must allow for the largest batch.
+    #[serde(default = "default_stow_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Forward a study only once no instance of it has arrived for this long.
+    #[serde(default)]
+    pub study_quiet_secs: Option<u64>,
+    /// Refusals before an instance becomes a dead letter.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: Option<u32>,
+    /// The first backoff after a failure, doubling up to `retry_max_secs`.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// The longest backoff.
+    #[serde(default = "default_retry_max_secs")]
+    pub retry_max_secs: u64,
+}
+
+impl std::fmt::Debug for StowSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StowSinkConfig")
+            .field("url", &self.url)
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "***"))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("batch", &self.batch)
+            .field("study_quiet_secs", &self.study_quiet_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StowSinkConfig {
+    fn retry_policy(&self) -> outpost_queue::RetryPolicy {
+        outpost_queue::RetryPolicy {
+            initial_backoff: Duration::from_millis(self.retry_initial_ms),
+            max_backoff: Duration::from_secs(self.retry_max_secs),
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+fn default_stow_batch() -> usize {
+    50
+}
+fn default_stow_timeout_secs() -> u64 {
+    300
+}
 fn default_max_pdu() -> u32 {
     64 * 1024
 }

@@ -7,19 +7,17 @@
 
 use std::time::Duration;
 
-use outpost_core::ItemId;
 use outpost_dicom::scu::{OutgoingInstance, ScuConfig, StatusClass, StoreAssociation};
 use outpost_queue::blob::BlobStore;
 use outpost_queue::{Lease, RetryPolicy};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::batch::{next_batch, Next};
 use super::{InstanceRecord, SinkConfig};
 use crate::connectors::SinkContext;
 use crate::health::ConnectorState;
 use crate::ConnectorError;
 
-/// How long an idle sink waits before looking at the queue again without a wake-up.
-const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Backoff bounds while the PACS cannot be reached.
 const CONNECT_BACKOFF: RetryPolicy = RetryPolicy {
     initial_backoff: Duration::from_millis(500),
@@ -45,22 +43,19 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
             break;
         }
         let generation = cx.queue.append_generation();
-        let (leases, backoff) = cx
-            .queue
-            .ready_after(&cx.name, ItemId(0), config.batch.max(1), 16 * 1024 * 1024)
-            .await?;
-        if leases.is_empty() {
-            let wait = backoff.unwrap_or(IDLE_POLL).min(IDLE_POLL);
-            if backoff.is_none() {
+        let quiet = config.study_quiet_secs.map(Duration::from_secs);
+        let batch = match next_batch(&cx, quiet, config.batch, &policy).await? {
+            Next::Send(batch) => batch,
+            Next::Wait(wait) => {
                 cx.health.set_state(&cx.name, ConnectorState::Running);
+                tokio::select! {
+                    _ = cx.shutdown.cancelled() => break,
+                    _ = cx.queue.wait_for_append(generation, wait) => {}
+                }
+                continue;
             }
-            tokio::select! {
-                _ = cx.shutdown.cancelled() => break,
-                _ = cx.queue.wait_for_append(generation, wait) => {}
-            }
-            continue;
-        }
-        match send_batch(&scu, &blobs, &cx, &policy, leases).await? {
+        };
+        match send_batch(&scu, &blobs, &cx, &policy, batch).await? {
             BatchEnd::Done => connection_failures = 0,
             BatchEnd::PacsUnreachable(problem) => {
                 connection_failures = connection_failures.saturating_add(1);
@@ -88,29 +83,8 @@ async fn send_batch(
     blobs: &BlobStore,
     cx: &SinkContext,
     policy: &RetryPolicy,
-    leases: Vec<Lease>,
+    batch: Vec<(Lease, InstanceRecord)>,
 ) -> Result<BatchEnd, ConnectorError> {
-    let mut batch = Vec::with_capacity(leases.len());
-    for lease in leases {
-        match serde_json::from_slice::<InstanceRecord>(&lease.payload) {
-            Ok(record) => batch.push((lease, record)),
-            Err(err) => {
-                // Not an instance record: nothing any retry could fix.
-                cx.queue
-                    .mark_failed(
-                        &cx.name,
-                        lease.id,
-                        &format!("not a DICOM instance record: {err}"),
-                        *policy,
-                        true,
-                    )
-                    .await?;
-            }
-        }
-    }
-    if batch.is_empty() {
-        return Ok(BatchEnd::Done);
-    }
     let mut contexts: Vec<(String, String)> = Vec::new();
     for (_, record) in &batch {
         let pair = (record.sop_class_uid.clone(), record.transfer_syntax.clone());
