@@ -54,7 +54,12 @@ fn protocol_crates_know_nothing_of_queue_agent_uplink_or_hub() {
         "outpost-hub",
         "outpost-proto",
     ];
-    for protocol in ["outpost-hl7", "outpost-mllp", "outpost-core", "outpost-dicom"] {
+    for protocol in [
+        "outpost-hl7",
+        "outpost-mllp",
+        "outpost-core",
+        "outpost-dicom",
+    ] {
         assert_none_of(protocol, &upper);
     }
     assert_none_of("outpost-mllp", &["outpost-hl7"]);

@@ -574,3 +574,32 @@ async fn non_storage_class_gets_0122_and_shutdown_ends_serve() {
     let err = association.store(&instance, &b""[..]).await.unwrap_err();
     assert!(err.retryable(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_over_max_instance_bytes_aborts_the_association() {
+    if peers_skipped("instance_over_max_instance_bytes_aborts_the_association") {
+        return;
+    }
+    capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = scp_config();
+    config.max_instance_bytes = 1_000;
+    let scp = start_scp(config, FileStore::new(dir.path())).await;
+    let sample = &samples()[0];
+    let output = dcmtk("storescu", &storescu_args(&scp, "-x=", &[sample])).await;
+    assert!(
+        !output.status.success() || describe(&output).contains("Abort"),
+        "storescu did not notice the abort: {}",
+        describe(&output)
+    );
+    wait_until(WAIT, "writer.abort() for the oversized instance", || {
+        scp.store.counts.aborted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(!log_lines_with(&[
+        &sample.meta.sop_instance_uid,
+        "larger than max_instance_bytes (1000); aborting the association"
+    ])
+    .is_empty());
+    assert!(scp.store.stored_files().is_empty());
+}

@@ -21,6 +21,7 @@ use crate::samples;
 /// The reference peer, copied from the verified recipe in `peers/`.
 const PYTHON_PEER: &str = include_str!("../../../../peers/pyhl7_mllp_server.py");
 
+mod dicom;
 mod fleet;
 mod jobs;
 mod uplink;
@@ -53,8 +54,6 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 5)]
         heartbeat_secs: u64,
     },
-    /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
-    /// the data API.
     /// Support jobs: one `health` job fanned out to N simulated agents (real uplinks and
     /// job runners in this process), jobs/s for one agent, and the agent-side check cost.
     Jobs {
@@ -62,6 +61,22 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 1000)]
         agents: usize,
     },
+    /// DICOM: dcmtk's storescu sends the same CT-like instances to the agent (durable,
+    /// encrypted) and to dcmtk's storescp (plain files); then the agent forwards them to
+    /// Orthanc.
+    Dicom {
+        /// Instances to send.
+        #[arg(long, default_value_t = 2000)]
+        instances: usize,
+        /// Rows and columns of each 16-bit image (512: about 0.5 MB per instance).
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// The Python that has pydicom (to make the instances).
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
+    /// the data API.
     Uplink {
         /// Messages to send.
         #[arg(long, default_value_t = 20_000)]
@@ -89,6 +104,11 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             heartbeat_secs,
         } => fleet::run(agents, heartbeat_secs).await,
         BenchTarget::Jobs { agents } => jobs::run(agents).await,
+        BenchTarget::Dicom {
+            instances,
+            size,
+            python,
+        } => dicom::run(instances, size, &python).await,
     }
 }
 
