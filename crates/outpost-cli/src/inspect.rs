@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use outpost_agent::connectors::dicom::InstanceRecord;
 use outpost_agent::AgentConfig;
-use outpost_core::{ConnectorName, ItemId};
+use outpost_core::{ConnectorName, ItemId, ItemKind};
 use outpost_queue::{now_ms, Queue, SearchQuery, StoredItem};
 
 /// `outpost queue` actions.
@@ -46,6 +47,16 @@ pub enum QueueAction {
     },
     /// Purge delivered items past the retention now and give the space back.
     Purge,
+    /// DICOM studies in the queue (newest instances first): instances per study and how
+    /// far each sink has got.
+    Studies {
+        /// List every instance under its study.
+        #[arg(long)]
+        instances: bool,
+        /// Look at this many of the newest instances.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
 }
 
 /// `outpost hl7` actions.
@@ -140,6 +151,7 @@ async fn queue_action(
             print_item(&item, payload);
             Ok(())
         }
+        QueueAction::Studies { instances, limit } => print_studies(&queue, instances, limit).await,
         QueueAction::Purge => {
             let report = queue.purge(config.retention).await?;
             println!(
@@ -151,6 +163,98 @@ async fn queue_action(
             Ok(())
         }
     }
+}
+
+/// One study as the queue holds it.
+#[derive(Default)]
+struct StudyView {
+    modality: String,
+    calling_ae: String,
+    first_ms: i64,
+    last_ms: i64,
+    bytes: u64,
+    items: Vec<(StoredItem, InstanceRecord)>,
+    /// sink -> (delivered, pending, dead)
+    sinks: std::collections::BTreeMap<String, (u64, u64, u64)>,
+}
+
+async fn print_studies(queue: &Queue, list_instances: bool, limit: usize) -> anyhow::Result<()> {
+    let found = queue
+        .search(SearchQuery {
+            limit: limit.max(1),
+            kind: Some(ItemKind::Dicom),
+            ..SearchQuery::default()
+        })
+        .await?;
+    let mut studies: std::collections::BTreeMap<String, StudyView> = Default::default();
+    for item in found {
+        let Ok(record) = serde_json::from_slice::<InstanceRecord>(&item.payload) else {
+            continue;
+        };
+        let key = record
+            .study_instance_uid
+            .clone()
+            .unwrap_or_else(|| "(no study uid)".into());
+        let study = studies.entry(key).or_default();
+        if study.items.is_empty() {
+            study.first_ms = item.received_at_ms;
+        }
+        study.first_ms = study.first_ms.min(item.received_at_ms);
+        study.last_ms = study.last_ms.max(item.received_at_ms);
+        study.modality = record.modality.clone().unwrap_or_default();
+        study.calling_ae = record.calling_ae.clone();
+        study.bytes += record.len;
+        for delivery in &item.deliveries {
+            let counts = study.sinks.entry(delivery.sink.clone()).or_default();
+            match delivery.state {
+                "delivered" => counts.0 += 1,
+                "dead" => counts.2 += 1,
+                _ => counts.1 += 1,
+            }
+        }
+        study.items.push((item, record));
+    }
+    if studies.is_empty() {
+        println!("no DICOM instances in the queue");
+        return Ok(());
+    }
+    for (uid, study) in &studies {
+        println!(
+            "study {uid}  {} from {}  {} instance(s), {}, received {} .. {}",
+            if study.modality.is_empty() {
+                "?"
+            } else {
+                &study.modality
+            },
+            study.calling_ae,
+            study.items.len(),
+            bytes(study.bytes),
+            format_time(study.first_ms),
+            format_time(study.last_ms)
+        );
+        for (sink, (delivered, pending, dead)) in &study.sinks {
+            println!("    {sink:<16} delivered {delivered}  pending {pending}  dead {dead}");
+        }
+        if list_instances {
+            for (item, record) in &study.items {
+                let states: Vec<String> = item
+                    .deliveries
+                    .iter()
+                    .map(|d| format!("{}={}", d.sink, d.state))
+                    .collect();
+                println!(
+                    "      #{} {}  class {}  ts {}  {}  {}",
+                    item.id,
+                    record.sop_instance_uid,
+                    record.sop_class_uid,
+                    record.transfer_syntax,
+                    bytes(record.len),
+                    states.join(" ")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn print_status(queue: &Queue) -> anyhow::Result<()> {
@@ -221,6 +325,7 @@ pub async fn hl7(action: Hl7Action) -> anyhow::Result<()> {
             .context("--until")?,
         limit,
         include_rejected: rejected,
+        kind: Some(ItemKind::Hl7),
     };
     let queue = Queue::open_existing(&config.data_dir)?;
     let found = queue.search(query).await;

@@ -112,6 +112,8 @@ pub struct SearchQuery {
     pub limit: usize,
     /// Include items refused at intake.
     pub include_rejected: bool,
+    /// Only items of this kind.
+    pub kind: Option<ItemKind>,
 }
 
 impl Queue {
@@ -344,6 +346,7 @@ impl Queue {
                        AND (?5 IS NULL OR received_at >= ?5)
                        AND (?6 IS NULL OR received_at < ?6)
                        AND (?7 OR rejected_reason IS NULL)
+                       AND (?8 IS NULL OR kind = ?8)
                      ORDER BY id DESC"
                 ))
                 .map_err(&sqlite)?;
@@ -355,7 +358,8 @@ impl Queue {
                     subject_digest,
                     query.since_ms,
                     query.until_ms,
-                    query.include_rejected
+                    query.include_rejected,
+                    query.kind.map(ItemKind::as_str)
                 ])
                 .map_err(&sqlite)?;
             let mut found = Vec::new();

@@ -187,6 +187,7 @@ async fn search_hl7(
         until_ms: args.i64("until_ms")?,
         limit,
         include_rejected: args.bool("rejected")?.unwrap_or(false),
+        kind: Some(outpost_core::ItemKind::Hl7),
     };
     let with_payload = args.bool("payload")?.unwrap_or(false);
     let queue = cx.queue.as_ref().ok_or_else(|| {
