@@ -326,10 +326,14 @@ impl AgentConfig {
                 let Some(sink) = self.sinks.iter().find(|s| &s.name == to) else {
                     return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
                 };
-                let sink_is_dicom = matches!(sink.kind, SinkKind::Dicom(_) | SinkKind::Stow(_));
-                if source_is_dicom != sink_is_dicom {
+                let compatible = match sink.kind {
+                    SinkKind::Hub(_) => true,
+                    SinkKind::Dicom(_) | SinkKind::Stow(_) => source_is_dicom,
+                    SinkKind::Mllp(_) => !source_is_dicom,
+                };
+                if !compatible {
                     let (what, takes) = if source_is_dicom {
-                        ("DICOM instances", "a sink of kind \"dicom\" or \"stow\"")
+                        ("DICOM instances", "a sink of kind \"dicom\", \"stow\" or \"hub\"")
                     } else {
                         ("HL7 messages", "a sink of kind \"mllp\" or \"hub\"")
                     };

@@ -32,6 +32,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/api/v1/agents/{id}/messages", post(post_down))
         .route("/api/v1/down/{id}", get(get_down))
         .route("/api/v1/messages", get(list_messages))
+        .route("/api/v1/messages/{cursor}/content", get(message_content))
         .route("/api/v1/openapi.json", get(openapi))
         .merge(crate::api_jobs::routes())
         .merge(crate::dashboard::routes())
@@ -396,6 +397,78 @@ async fn list_messages(
     }
 }
 
+/// One message's content as a file: the HL7 message, or the whole DICOM Part-10 instance
+/// (`application/dicom`, streamed from the store however large). Recorded in the access log.
+#[utoipa::path(get, path = "/api/v1/messages/{cursor}/content", params(("cursor" = i64, Path)), responses((status = 200, description = "the content"), (status = 404, body = Object)), security(("api_key" = [])))]
+async fn message_content(
+    caller: ApiCaller,
+    State(state): State<Arc<HubState>>,
+    Path(cursor): Path<i64>,
+) -> Result<Response, ApiError> {
+    let filter = MessageFilter {
+        after: cursor - 1,
+        limit: 1,
+        with_payload: true,
+        ..MessageFilter::default()
+    };
+    let message = state
+        .store
+        .messages(&filter)
+        .await?
+        .into_iter()
+        .find(|m| m.cursor == cursor)
+        .ok_or_else(|| not_found("message", &cursor.to_string()))?;
+    record_access(
+        &state,
+        &caller.principal,
+        "message.content",
+        &format!("agent {} cursor {cursor}", message.agent_id),
+    )
+    .await?;
+    if message.kind != "dicom" {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(message.payload_base64.as_deref().unwrap_or(""))
+            .unwrap_or_default();
+        return Ok(([(header::CONTENT_TYPE, "x-application/hl7-v2+er7")], bytes).into_response());
+    }
+    let Some((held, total)) = state.store.blob_state(&message.agent_id, message.item_id).await?
+    else {
+        return Err(not_found("instance file of message", &cursor.to_string()));
+    };
+    if held != total {
+        return Err(not_found("complete instance file of message", &cursor.to_string()));
+    }
+    // Pages of parts, read one after the other as the client takes them.
+    let (agent_id, item_id) = (message.agent_id.clone(), message.item_id);
+    let store = state.store.clone();
+    let pages = futures::stream::unfold(Some(0u64), move |next| {
+        let (store, agent_id) = (store.clone(), agent_id.clone());
+        async move {
+            let from = next?;
+            match store.blob_parts(&agent_id, item_id, from, 16).await {
+                Ok(parts) if parts.is_empty() => None,
+                Ok(parts) => {
+                    let after = parts
+                        .last()
+                        .map(|(offset, data)| offset + data.len() as u64);
+                    let content: Vec<u8> = parts.into_iter().flat_map(|(_, data)| data).collect();
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(content)), after))
+                }
+                Err(err) => Some((Err(std::io::Error::other(err.to_string())), None)),
+            }
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/dicom".to_owned()),
+            (header::CONTENT_LENGTH, total.to_string()),
+        ],
+        axum::body::Body::from_stream(pages),
+    )
+        .into_response())
+}
+
 /// Body of `POST /api/v1/agents/{id}/messages`.
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct DownRequest {
@@ -522,7 +595,7 @@ async fn get_down(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet health, the message stream from agents, messages down to agents, and remote support jobs (staff tokens)."),
-    paths(enroll, list_agents, get_agent, list_messages, post_down, get_down,
+    paths(enroll, list_agents, get_agent, list_messages, message_content, post_down, get_down,
         crate::api_jobs::submit, crate::api_jobs::get_rollout, crate::api_jobs::get_job,
         crate::api_jobs::job_output, crate::api_jobs::cancel_job, crate::api_jobs::agent_jobs,
         crate::api_jobs::agent_audit, crate::api_jobs::access_log, crate::api_jobs::whoami),

@@ -44,6 +44,9 @@ pub enum HubError {
     /// The config is wrong; the message names file and key.
     #[error("{0}")]
     Config(String),
+    /// An agent broke the protocol; its session is closed (it resends on the next one).
+    #[error("protocol: {0}")]
+    Protocol(String),
     /// Binding the listen address failed.
     #[error("bind {addr}: {source}")]
     Bind {

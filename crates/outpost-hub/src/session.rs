@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{AgentRecord, NewMessage};
 use crate::{now_ms, HubState, SessionHandle};
 
+/// The largest item file (a DICOM instance) the hub takes: 16 GiB.
+const MAX_BLOB_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+
 /// An agent that has not proven its key within this long is dropped.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -237,6 +240,19 @@ async fn handle(
 ) -> Result<(), crate::HubError> {
     match message {
         AgentToHub::Items { items } => {
+            // An item with a file (a DICOM instance) is stored only once its whole file is;
+            // an agent that says otherwise is resent to by closing the session.
+            for item in items.iter().filter(|i| i.kind == "dicom") {
+                match state.store.blob_state(&agent.id, item.id).await? {
+                    Some((held, total)) if held == total => {}
+                    _ => {
+                        return Err(crate::HubError::Protocol(format!(
+                            "item {} arrived before its whole file",
+                            item.id
+                        )))
+                    }
+                }
+            }
             let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
             let messages: Vec<NewMessage> = items
                 .into_iter()
@@ -307,6 +323,43 @@ async fn handle(
             // when the job's state changes, and output of a job id that is not the agent's
             // is dropped by the flusher's ownership check.
             state.jobs.record_output(&agent.id, dispatch_id, seq, data);
+        }
+        AgentToHub::BlobOffer { item_id, total } => {
+            if total > MAX_BLOB_BYTES {
+                return Err(crate::HubError::Protocol(format!(
+                    "item {item_id}'s file is {total} bytes; at most {MAX_BLOB_BYTES} are taken"
+                )));
+            }
+            let held = state.store.blob_begin(&agent.id, item_id, total).await?;
+            let _ = outbox
+                .send(HubToAgent::BlobHave {
+                    item_id,
+                    offset: held,
+                })
+                .await;
+        }
+        AgentToHub::BlobPart {
+            item_id,
+            offset,
+            data,
+        } => {
+            if data.0.len() > outpost_proto::MAX_BLOB_PART {
+                return Err(crate::HubError::Protocol(format!(
+                    "a part of item {item_id}'s file is {} bytes; at most {} are taken",
+                    data.0.len(),
+                    outpost_proto::MAX_BLOB_PART
+                )));
+            }
+            let held = state
+                .store
+                .blob_append(&agent.id, item_id, offset, &data.0)
+                .await?;
+            let _ = outbox
+                .send(HubToAgent::BlobHave {
+                    item_id,
+                    offset: held,
+                })
+                .await;
         }
         AgentToHub::AuditLines { lines } => {
             if let Some(audit) = audit {

@@ -147,6 +147,14 @@ on_both_backends! {
     mirror_problem_is_set_and_cleared;
     access_log_is_newest_first;
     only_postgres_has_job_notifications;
+    blob_upload_grows_in_order;
+    blob_append_at_a_wrong_offset_changes_nothing;
+    blob_append_beyond_the_total_is_refused;
+    blob_begin_with_another_total_restarts_the_upload;
+    blob_parts_round_trip_byte_identical_and_page_from_an_offset;
+    blob_uploads_of_one_item_id_are_per_agent;
+    blob_upload_resumes_in_another_store;
+    concurrent_blob_appends_at_one_offset_store_one_part;
 }
 
 // ---- tokens ----
@@ -1849,6 +1857,337 @@ async fn access_log_is_newest_first(b: &Backend) {
     );
 }
 
+// ---- blob uploads ----
+
+async fn blob_upload_grows_in_order(b: &Backend) {
+    let store = b.open().await;
+    assert_eq!(
+        store.blob_state("agt_1", 7).await.unwrap(),
+        None,
+        "{}: not started",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_append("agt_1", 7, 0, b"abc").await.unwrap(),
+        0,
+        "{}: an append to an upload never begun",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_state("agt_1", 7).await.unwrap(),
+        None,
+        "{}: an append does not begin an upload",
+        b.name()
+    );
+    assert_eq!(store.blob_begin("agt_1", 7, 10).await.unwrap(), 0);
+    assert_eq!(store.blob_state("agt_1", 7).await.unwrap(), Some((0, 10)));
+    assert_eq!(
+        store.blob_append("agt_1", 7, 0, b"abc").await.unwrap(),
+        3,
+        "{}",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_append("agt_1", 7, 3, b"defg").await.unwrap(),
+        7,
+        "{}",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_append("agt_1", 7, 7, b"").await.unwrap(),
+        7,
+        "{}: an empty append",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_begin("agt_1", 7, 10).await.unwrap(),
+        7,
+        "{}: beginning again with the same total resumes",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 7).await.unwrap(), Some((7, 10)));
+    assert_eq!(
+        store.blob_append("agt_1", 7, 7, b"hij").await.unwrap(),
+        10,
+        "{}: the last part fills the total exactly",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 7).await.unwrap(), Some((10, 10)));
+    assert_eq!(
+        store.blob_parts("agt_1", 7, 0, 100).await.unwrap(),
+        vec![
+            (0, b"abc".to_vec()),
+            (3, b"defg".to_vec()),
+            (7, b"hij".to_vec())
+        ],
+        "{}: one part per append, the empty one stored as none",
+        b.name()
+    );
+}
+
+async fn blob_append_at_a_wrong_offset_changes_nothing(b: &Backend) {
+    let store = b.open().await;
+    store.blob_begin("agt_1", 1, 100).await.unwrap();
+    store.blob_append("agt_1", 1, 0, b"first").await.unwrap();
+    for (offset, what) in [
+        (0, "a repeat of the first part"),
+        (3, "behind"),
+        (9, "ahead"),
+    ] {
+        assert_eq!(
+            store
+                .blob_append("agt_1", 1, offset, b"XXXXX")
+                .await
+                .unwrap(),
+            5,
+            "{}: {what} returns the bytes held",
+            b.name()
+        );
+    }
+    assert_eq!(
+        store
+            .blob_append("agt_1", 1, u64::MAX, b"XXXXX")
+            .await
+            .unwrap(),
+        5,
+        "{}: an offset beyond any store's integers",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 1).await.unwrap(), Some((5, 100)));
+    assert_eq!(
+        store.blob_parts("agt_1", 1, 0, 100).await.unwrap(),
+        vec![(0, b"first".to_vec())],
+        "{}",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_append("agt_1", 1, 5, b"second").await.unwrap(),
+        11,
+        "{}: the right offset still works",
+        b.name()
+    );
+}
+
+async fn blob_append_beyond_the_total_is_refused(b: &Backend) {
+    let store = b.open().await;
+    store.blob_begin("agt_1", 1, 8).await.unwrap();
+    store.blob_append("agt_1", 1, 0, b"12345").await.unwrap();
+    assert_eq!(
+        store.blob_append("agt_1", 1, 5, b"6789").await.unwrap(),
+        5,
+        "{}: one byte too many",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 1).await.unwrap(), Some((5, 8)));
+    assert_eq!(store.blob_parts("agt_1", 1, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.blob_append("agt_1", 1, 5, b"678").await.unwrap(), 8);
+    assert_eq!(
+        store.blob_append("agt_1", 1, 8, b"9").await.unwrap(),
+        8,
+        "{}: a full upload takes nothing more",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 1).await.unwrap(), Some((8, 8)));
+}
+
+async fn blob_begin_with_another_total_restarts_the_upload(b: &Backend) {
+    let store = b.open().await;
+    store.blob_begin("agt_1", 1, 10).await.unwrap();
+    store.blob_append("agt_1", 1, 0, b"old-1").await.unwrap();
+    store.blob_append("agt_1", 1, 5, b"old-2").await.unwrap();
+    assert_eq!(
+        store.blob_begin("agt_1", 1, 6).await.unwrap(),
+        0,
+        "{}: another total starts over",
+        b.name()
+    );
+    assert_eq!(store.blob_state("agt_1", 1).await.unwrap(), Some((0, 6)));
+    assert!(
+        store
+            .blob_parts("agt_1", 1, 0, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{}: the old parts are gone",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_append("agt_1", 1, 5, b"x").await.unwrap(),
+        0,
+        "{}: the old position is no longer valid",
+        b.name()
+    );
+    assert_eq!(store.blob_append("agt_1", 1, 0, b"new").await.unwrap(), 3);
+    assert_eq!(store.blob_append("agt_1", 1, 3, b"NEW").await.unwrap(), 6);
+    assert_eq!(
+        store.blob_parts("agt_1", 1, 0, 10).await.unwrap(),
+        vec![(0, b"new".to_vec()), (3, b"NEW".to_vec())],
+        "{}",
+        b.name()
+    );
+}
+
+async fn blob_parts_round_trip_byte_identical_and_page_from_an_offset(b: &Backend) {
+    const PART: usize = 64 * 1024;
+    const PARTS: usize = 40;
+    let store = b.open().await;
+    let file: Vec<u8> = (0..PARTS)
+        .flat_map(|i| part_bytes(i as u32, PART))
+        .collect();
+    let total = file.len() as u64;
+    store.blob_begin("agt_1", 9, total).await.unwrap();
+    for (i, part) in file.chunks(PART).enumerate() {
+        let offset = (i * PART) as u64;
+        assert_eq!(
+            store.blob_append("agt_1", 9, offset, part).await.unwrap(),
+            offset + PART as u64,
+            "{}: part {i}",
+            b.name()
+        );
+    }
+    assert_eq!(
+        store.blob_state("agt_1", 9).await.unwrap(),
+        Some((total, total))
+    );
+
+    // Page through as a download would: 7 parts at a time, from after the last one read.
+    let mut read = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = store
+            .blob_parts("agt_1", 9, read.len() as u64, 7)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7, "{}: limit", b.name());
+        for (offset, data) in page {
+            assert_eq!(offset, read.len() as u64, "{}: parts in order", b.name());
+            read.extend_from_slice(&data);
+        }
+        pages += 1;
+    }
+    assert_eq!(pages, PARTS.div_ceil(7), "{}", b.name());
+    assert!(
+        read == file,
+        "{}: the file comes back byte for byte",
+        b.name()
+    );
+
+    let offsets =
+        |parts: Vec<(u64, Vec<u8>)>| -> Vec<u64> { parts.into_iter().map(|p| p.0).collect() };
+    let part = PART as u64;
+    assert_eq!(
+        offsets(store.blob_parts("agt_1", 9, 1, 2).await.unwrap()),
+        [part, 2 * part],
+        "{}: from inside a part, the next whole part on",
+        b.name()
+    );
+    assert_eq!(
+        offsets(store.blob_parts("agt_1", 9, 39 * part, 10).await.unwrap()),
+        [39 * part],
+        "{}: the last part",
+        b.name()
+    );
+    assert!(
+        store
+            .blob_parts("agt_1", 9, total, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{}: past the end",
+        b.name()
+    );
+    assert!(
+        store
+            .blob_parts("agt_1", 9, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{}: far past the end",
+        b.name()
+    );
+}
+
+async fn blob_uploads_of_one_item_id_are_per_agent(b: &Backend) {
+    let store = b.open().await;
+    store.blob_begin("agt_1", 5, 4).await.unwrap();
+    store.blob_begin("agt_2", 5, 6).await.unwrap();
+    store.blob_append("agt_1", 5, 0, b"one!").await.unwrap();
+    assert_eq!(
+        store.blob_state("agt_2", 5).await.unwrap(),
+        Some((0, 6)),
+        "{}: the other agent's upload is untouched",
+        b.name()
+    );
+    store.blob_append("agt_2", 5, 0, b"two...").await.unwrap();
+    assert_eq!(store.blob_state("agt_1", 5).await.unwrap(), Some((4, 4)));
+    assert_eq!(
+        store.blob_parts("agt_1", 5, 0, 10).await.unwrap(),
+        vec![(0, b"one!".to_vec())],
+        "{}",
+        b.name()
+    );
+    assert_eq!(
+        store.blob_parts("agt_2", 5, 0, 10).await.unwrap(),
+        vec![(0, b"two...".to_vec())],
+        "{}",
+        b.name()
+    );
+    // Restarting one agent's upload leaves the other's parts alone.
+    store.blob_begin("agt_1", 5, 99).await.unwrap();
+    assert_eq!(store.blob_parts("agt_2", 5, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.blob_state("agt_2", 5).await.unwrap(), Some((6, 6)));
+}
+
+async fn blob_upload_resumes_in_another_store(b: &Backend) {
+    let first = b.open().await;
+    first.blob_begin("agt_1", 3, 9).await.unwrap();
+    first.blob_append("agt_1", 3, 0, b"abc").await.unwrap();
+    // Another hub process (or this one after a restart) takes over the agent's session.
+    let second = b.open().await;
+    assert_eq!(
+        second.blob_begin("agt_1", 3, 9).await.unwrap(),
+        3,
+        "{}: the second store sees the bytes held",
+        b.name()
+    );
+    assert_eq!(second.blob_append("agt_1", 3, 3, b"def").await.unwrap(), 6);
+    assert_eq!(
+        first.blob_append("agt_1", 3, 3, b"XYZ").await.unwrap(),
+        6,
+        "{}: the first store sees the second's append",
+        b.name()
+    );
+    assert_eq!(first.blob_append("agt_1", 3, 6, b"ghi").await.unwrap(), 9);
+    drop(first);
+    let parts = second.blob_parts("agt_1", 3, 0, 10).await.unwrap();
+    let joined: Vec<u8> = parts.into_iter().flat_map(|(_, data)| data).collect();
+    assert_eq!(joined, b"abcdefghi", "{}", b.name());
+}
+
+async fn concurrent_blob_appends_at_one_offset_store_one_part(b: &Backend) {
+    let stores = [b.open().await, b.open().await];
+    stores[0].blob_begin("agt_1", 1, 1000).await.unwrap();
+    let appends = (0..8u8).map(|i| {
+        let store = stores[usize::from(i % 2)].clone();
+        async move { store.blob_append("agt_1", 1, 0, &[i; 10]).await.unwrap() }
+    });
+    let helds = futures::future::join_all(appends).await;
+    assert!(
+        helds.iter().all(|held| *held == 10),
+        "{}: every append sees one part held: {helds:?}",
+        b.name()
+    );
+    let parts = stores[1].blob_parts("agt_1", 1, 0, 10).await.unwrap();
+    assert_eq!(parts.len(), 1, "{}", b.name());
+    assert_eq!(
+        stores[1].blob_state("agt_1", 1).await.unwrap(),
+        Some((10, 1000))
+    );
+}
+
 // ---- job notifications ----
 
 async fn only_postgres_has_job_notifications(b: &Backend) {
@@ -1972,7 +2311,7 @@ mod postgres_only {
             db.psql(
                 "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"
             ),
-            "1,2"
+            "1,2,3"
         );
     }
 
@@ -2251,4 +2590,17 @@ fn line(seq: u64, received_at_ms: i64) -> MirroredLine {
         line: format!("{{\"seq\":{seq}}}"),
         received_at_ms,
     }
+}
+
+/// A part's bytes: every value from 0 to 255, in a different order for each seed.
+fn part_bytes(seed: u32, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 24) as u8
+        })
+        .collect()
 }

@@ -84,6 +84,15 @@ pub enum HubToAgent {
         /// The last entry the hub's mirror holds.
         after_seq: u64,
     },
+    /// How much of an item's file the hub holds (the answer to every
+    /// [`AgentToHub::BlobOffer`] and [`AgentToHub::BlobPart`]); the agent goes on from
+    /// there, so an upload broken by a lost session resumes where it stopped.
+    BlobHave {
+        /// The agent's item id.
+        item_id: i64,
+        /// Bytes held.
+        offset: u64,
+    },
 }
 
 /// Agent to hub.
@@ -140,7 +149,27 @@ pub enum AgentToHub {
         /// The lines, without newlines.
         lines: Vec<String>,
     },
+    /// An item's file (a DICOM instance) is about to be uploaded: how much does the hub hold?
+    BlobOffer {
+        /// The agent's item id.
+        item_id: i64,
+        /// The file's length.
+        total: u64,
+    },
+    /// Part of an item's file, at `offset`. The item itself follows in
+    /// [`AgentToHub::Items`] once the hub holds the whole file.
+    BlobPart {
+        /// The agent's item id.
+        item_id: i64,
+        /// Where the part starts.
+        offset: u64,
+        /// The bytes (at most [`MAX_BLOB_PART`]).
+        data: Payload,
+    },
 }
+
+/// The largest part of an item's file sent in one [`AgentToHub::BlobPart`].
+pub const MAX_BLOB_PART: usize = 1024 * 1024;
 
 /// A job's new state, with why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

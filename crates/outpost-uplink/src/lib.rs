@@ -141,6 +141,7 @@ pub struct UplinkHandle {
     pub(crate) data: mpsc::Sender<DataRequest>,
     pub(crate) control: mpsc::Sender<AgentToHub>,
     pub(crate) state: watch::Receiver<LinkState>,
+    pub(crate) blob_have: tokio::sync::broadcast::Sender<(i64, u64)>,
 }
 
 pub(crate) struct DataRequest {
@@ -198,6 +199,11 @@ impl UplinkHandle {
             .send(message)
             .await
             .map_err(|_| UplinkError::SessionLost)
+    }
+
+    /// The hub's answers about uploads of items' files: (item id, bytes held).
+    pub fn blob_answers(&self) -> tokio::sync::broadcast::Receiver<(i64, u64)> {
+        self.blob_have.subscribe()
     }
 
     /// Reports what became of a message the hub sent down (queued, delivered, dead).

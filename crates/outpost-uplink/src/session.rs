@@ -48,6 +48,7 @@ impl Uplink {
         let (data, data_rx) = mpsc::channel(WINDOW * 2);
         let (control, control_rx) = mpsc::channel(256);
         let (state_tx, state) = watch::channel(LinkState::Down("not connected yet".into()));
+        let (blob_have, _) = tokio::sync::broadcast::channel(256);
         let link = Link {
             credentials,
             inventory,
@@ -55,6 +56,7 @@ impl Uplink {
             data_rx,
             control_rx,
             state: state_tx,
+            blob_have: blob_have.clone(),
             shutdown,
         };
         tokio::spawn(link.run());
@@ -62,6 +64,7 @@ impl Uplink {
             data,
             control,
             state,
+            blob_have,
         }
     }
 }
@@ -73,6 +76,7 @@ struct Link {
     data_rx: mpsc::Receiver<DataRequest>,
     control_rx: mpsc::Receiver<AgentToHub>,
     state: watch::Sender<LinkState>,
+    blob_have: tokio::sync::broadcast::Sender<(i64, u64)>,
     shutdown: CancellationToken,
 }
 
@@ -302,6 +306,10 @@ impl Link {
             HubToAgent::CancelJob { dispatch_id } => {
                 self.pass_on(Inbound::CancelJob { dispatch_id }).await?;
             }
+            HubToAgent::BlobHave { item_id, offset } => {
+                // Nobody listening is fine: no upload is waiting for this answer.
+                let _ = self.blob_have.send((item_id, offset));
+            }
             HubToAgent::AuditWanted { after_seq } => {
                 self.pass_on(Inbound::AuditWanted { after_seq, session })
                     .await?;
@@ -357,6 +365,7 @@ fn kind_of(message: &HubToAgent) -> &'static str {
         HubToAgent::Job { .. } => "job",
         HubToAgent::CancelJob { .. } => "cancel_job",
         HubToAgent::AuditWanted { .. } => "audit_wanted",
+        HubToAgent::BlobHave { .. } => "blob_have",
     }
 }
 

@@ -451,4 +451,29 @@ pub trait Store: Send + Sync + 'static {
     /// ids with new work (pending jobs or cancel requests), or `None` where the backend
     /// has no cross-process notifications (SQLite: one hub process only).
     async fn listen_jobs(&self) -> Result<Option<tokio::sync::mpsc::Receiver<String>>, HubError>;
+
+    /// Starts an agent's upload of an item's file (a DICOM instance) of `total` bytes, or
+    /// finds the one already started; returns how many bytes the hub holds. A different
+    /// `total` for the same item restarts the upload from zero.
+    async fn blob_begin(&self, agent_id: &str, item_id: i64, total: u64) -> Result<u64, HubError>;
+    /// Appends `data` at `offset` when `offset` equals the bytes held (in one transaction);
+    /// returns the bytes held afterwards (unchanged when the offset did not match, so the
+    /// agent resumes from there). Never grows past the upload's total.
+    async fn blob_append(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, HubError>;
+    /// The upload's (bytes held, total), if it was started.
+    async fn blob_state(&self, agent_id: &str, item_id: i64) -> Result<Option<(u64, u64)>, HubError>;
+    /// Parts of an upload from `from_offset` on, in order, at most `limit`: (offset, bytes).
+    async fn blob_parts(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        from_offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, HubError>;
 }

@@ -142,6 +142,17 @@ CREATE TABLE access_log (
 CREATE INDEX access_log_by_time ON access_log (at);
 ",
     ),
+    (
+        3,
+        "
+CREATE TABLE uploads (
+    agent_id TEXT NOT NULL, item_id BIGINT NOT NULL, total BIGINT NOT NULL,
+    held BIGINT NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (agent_id, item_id));
+CREATE TABLE upload_parts (
+    agent_id TEXT NOT NULL, item_id BIGINT NOT NULL, part_offset BIGINT NOT NULL,
+    data BYTEA NOT NULL, PRIMARY KEY (agent_id, item_id, part_offset));
+",
+    ),
 ];
 
 /// The PostgreSQL backend: a pool of plain-TCP connections (`NoTls`; no TLS to the database
@@ -262,6 +273,8 @@ enum Failure {
     Db(tokio_postgres::Error),
     Pool(PoolError),
     Schema(String),
+    /// An argument the database cannot hold: what.
+    Invalid(String),
     /// The notification connection was lost: why.
     Lost(String),
 }
@@ -288,7 +301,7 @@ fn describe(failure: &Failure) -> String {
             return format!("connection pool timed out ({kind:?})").to_lowercase()
         }
         Failure::Pool(other) => return format!("connection pool: {other}"),
-        Failure::Schema(text) => return text.clone(),
+        Failure::Schema(text) | Failure::Invalid(text) => return text.clone(),
         Failure::Lost(text) => return text.clone(),
     };
     if let Some(db) = err.as_db_error() {
@@ -1553,6 +1566,163 @@ impl Store for PostgresStore {
             listener,
         ));
         Ok(Some(receiver))
+    }
+
+    async fn blob_begin(&self, agent_id: &str, item_id: i64, total: u64) -> Result<u64, HubError> {
+        self.run("blob_begin", async {
+            let total = i64::try_from(total).map_err(|_| {
+                Failure::Invalid(format!("an upload of {total} bytes is too large to store"))
+            })?;
+            let now = crate::now_ms();
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            // Insert-if-absent, then lock the row: a concurrent begin or append of the same
+            // upload (from any hub process) waits for this transaction.
+            tx.execute(
+                "INSERT INTO uploads (agent_id, item_id, total, held, updated_at)
+                 VALUES ($1, $2, $3, 0, $4) ON CONFLICT (agent_id, item_id) DO NOTHING",
+                &[&agent_id, &item_id, &total, &now],
+            )
+            .await?;
+            let row = tx
+                .query_one(
+                    "SELECT held, total FROM uploads WHERE agent_id = $1 AND item_id = $2 FOR UPDATE",
+                    &[&agent_id, &item_id],
+                )
+                .await?;
+            let (held, stored_total): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let held = if stored_total == total {
+                tx.execute(
+                    "UPDATE uploads SET updated_at = $3 WHERE agent_id = $1 AND item_id = $2",
+                    &[&agent_id, &item_id, &now],
+                )
+                .await?;
+                held
+            } else {
+                // Another file under the same item id: start over.
+                tx.execute(
+                    "DELETE FROM upload_parts WHERE agent_id = $1 AND item_id = $2",
+                    &[&agent_id, &item_id],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE uploads SET total = $3, held = 0, updated_at = $4
+                     WHERE agent_id = $1 AND item_id = $2",
+                    &[&agent_id, &item_id, &total, &now],
+                )
+                .await?;
+                0
+            };
+            tx.commit().await?;
+            Ok(held as u64)
+        })
+        .await
+    }
+
+    async fn blob_append(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, HubError> {
+        self.run("blob_append", async {
+            let now = crate::now_ms();
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            // FOR UPDATE: a concurrent append to the same upload waits here, then reads the
+            // committed `held` and finds its offset stale.
+            let row = tx
+                .query_opt(
+                    "SELECT held, total FROM uploads WHERE agent_id = $1 AND item_id = $2 FOR UPDATE",
+                    &[&agent_id, &item_id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(0);
+            };
+            let (held, total): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            // An offset or length beyond i64 can never match or fit.
+            let at_held = i64::try_from(offset).is_ok_and(|offset| offset == held);
+            let end = i64::try_from(data.len())
+                .ok()
+                .and_then(|len| held.checked_add(len))
+                .filter(|end| *end <= total);
+            let end = match end {
+                Some(end) if at_held && !data.is_empty() => end,
+                _ => return Ok(held as u64),
+            };
+            // No part can be stored at `held` yet (a restart removes the parts, and `held` only
+            // moves past stored ones); should one be, it is replaced rather than wedging the
+            // upload on a conflict.
+            tx.execute(
+                "INSERT INTO upload_parts (agent_id, item_id, part_offset, data) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (agent_id, item_id, part_offset) DO UPDATE SET data = EXCLUDED.data",
+                &[&agent_id, &item_id, &held, &data],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE uploads SET held = $3, updated_at = $4 WHERE agent_id = $1 AND item_id = $2",
+                &[&agent_id, &item_id, &end, &now],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(end as u64)
+        })
+        .await
+    }
+
+    async fn blob_state(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+    ) -> Result<Option<(u64, u64)>, HubError> {
+        self.run("blob_state", async {
+            let client = self.pool.get().await?;
+            let row = client
+                .query_opt(
+                    "SELECT held, total FROM uploads WHERE agent_id = $1 AND item_id = $2",
+                    &[&agent_id, &item_id],
+                )
+                .await?;
+            match row {
+                Some(r) => Ok(Some((
+                    r.try_get::<_, i64>(0)? as u64,
+                    r.try_get::<_, i64>(1)? as u64,
+                ))),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn blob_parts(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        from_offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, HubError> {
+        self.run("blob_parts", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT part_offset, data FROM upload_parts
+                     WHERE agent_id = $1 AND item_id = $2 AND part_offset >= $3
+                     ORDER BY part_offset LIMIT $4",
+                )
+                .await?;
+            // Offsets are stored as BIGINT; none is larger than that.
+            let from_offset = i64::try_from(from_offset).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(&stmt, &[&agent_id, &item_id, &from_offset, &limit])
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<_, i64>(0)? as u64, r.try_get(1)?)))
+                .collect()
+        })
+        .await
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     AccessRecord, AgentRecord, DownMessage, InventoryUpdate, JobChange, JobChunk, JobRecord,
@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS audit_lines (
 CREATE TABLE IF NOT EXISTS access_log (
     at INTEGER NOT NULL, principal TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS access_log_by_time ON access_log(at);
+CREATE TABLE IF NOT EXISTS uploads (
+    agent_id TEXT NOT NULL, item_id INTEGER NOT NULL, total INTEGER NOT NULL,
+    held INTEGER NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (agent_id, item_id));
+CREATE TABLE IF NOT EXISTS upload_parts (
+    agent_id TEXT NOT NULL, item_id INTEGER NOT NULL, part_offset INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (agent_id, item_id, part_offset));
 ";
 
 /// The final job states as an SQL list; `final_states_match_the_protocol` checks it against
@@ -966,6 +972,142 @@ impl Store for SqliteStore {
 
     async fn listen_jobs(&self) -> Result<Option<tokio::sync::mpsc::Receiver<String>>, HubError> {
         Ok(None)
+    }
+
+    async fn blob_begin(&self, agent_id: &str, item_id: i64, total: u64) -> Result<u64, HubError> {
+        let agent_id = agent_id.to_owned();
+        let now = crate::now_ms();
+        self.run(move |c| {
+            // IMMEDIATE: read and write under one write lock, also against another store
+            // (another process) on the same file.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found: Option<(u64, u64)> = tx
+                .query_row(
+                    "SELECT held, total FROM uploads WHERE agent_id = ?1 AND item_id = ?2",
+                    params![agent_id, item_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let held = match found {
+                Some((held, stored_total)) if stored_total == total => {
+                    tx.execute(
+                        "UPDATE uploads SET updated_at = ?3 WHERE agent_id = ?1 AND item_id = ?2",
+                        params![agent_id, item_id, now],
+                    )?;
+                    held
+                }
+                Some(_) => {
+                    // Another file under the same item id: start over.
+                    tx.execute(
+                        "DELETE FROM upload_parts WHERE agent_id = ?1 AND item_id = ?2",
+                        params![agent_id, item_id],
+                    )?;
+                    tx.execute(
+                        "UPDATE uploads SET total = ?3, held = 0, updated_at = ?4
+                         WHERE agent_id = ?1 AND item_id = ?2",
+                        params![agent_id, item_id, total, now],
+                    )?;
+                    0
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO uploads (agent_id, item_id, total, held, updated_at)
+                         VALUES (?1, ?2, ?3, 0, ?4)",
+                        params![agent_id, item_id, total, now],
+                    )?;
+                    0
+                }
+            };
+            tx.commit()?;
+            Ok(held)
+        })
+        .await
+    }
+
+    async fn blob_append(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, HubError> {
+        let (agent_id, data) = (agent_id.to_owned(), data.to_vec());
+        let now = crate::now_ms();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found: Option<(u64, u64)> = tx
+                .query_row(
+                    "SELECT held, total FROM uploads WHERE agent_id = ?1 AND item_id = ?2",
+                    params![agent_id, item_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((held, total)) = found else {
+                return Ok(0);
+            };
+            let len = data.len() as u64;
+            let fits = held.checked_add(len).is_some_and(|end| end <= total);
+            if data.is_empty() || offset != held || !fits {
+                return Ok(held);
+            }
+            // A part left at this offset cannot exist (parts go when an upload restarts, and
+            // `held` only grows past stored parts); replacing it keeps the upload movable if
+            // one ever did.
+            tx.execute(
+                "INSERT INTO upload_parts (agent_id, item_id, part_offset, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent_id, item_id, part_offset) DO UPDATE SET data = excluded.data",
+                params![agent_id, item_id, offset, data],
+            )?;
+            tx.execute(
+                "UPDATE uploads SET held = ?3, updated_at = ?4 WHERE agent_id = ?1 AND item_id = ?2",
+                params![agent_id, item_id, held + len, now],
+            )?;
+            tx.commit()?;
+            Ok(held + len)
+        })
+        .await
+    }
+
+    async fn blob_state(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+    ) -> Result<Option<(u64, u64)>, HubError> {
+        let agent_id = agent_id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT held, total FROM uploads WHERE agent_id = ?1 AND item_id = ?2",
+                params![agent_id, item_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn blob_parts(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+        from_offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, HubError> {
+        let agent_id = agent_id.to_owned();
+        // Offsets are stored as INTEGER (i64); none is larger than that.
+        let from_offset = i64::try_from(from_offset).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT part_offset, data FROM upload_parts
+                 WHERE agent_id = ?1 AND item_id = ?2 AND part_offset >= ?3
+                 ORDER BY part_offset LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![agent_id, item_id, from_offset, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect()
+        })
+        .await
     }
 }
 

@@ -6,7 +6,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use outpost_core::ItemId;
+mod upload;
+
+use outpost_core::{ItemId, ItemKind};
 use outpost_proto::{Payload, UpItem};
 use serde::Deserialize;
 
@@ -21,7 +23,8 @@ pub struct SinkConfig {
     /// Items per batch.
     #[serde(default = "default_batch_items")]
     pub batch_items: usize,
-    /// Bytes per batch (a batch always holds at least one item).
+    /// Bytes per batch (a batch always holds at least one item). DICOM instances are
+    /// uploaded on their own, in parts, before their item.
     #[serde(default = "default_batch_bytes")]
     pub batch_bytes: usize,
 }
@@ -60,7 +63,7 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
         cx.health.set_state(&cx.name, ConnectorState::Running);
         let mut after = ItemId(0);
         let mut in_flight = InFlight::new();
-        let lost = loop {
+        let lost = 'session: loop {
             let generation = cx.queue.append_generation();
             while in_flight.len() < WINDOW {
                 let (batch, _) = cx
@@ -75,18 +78,28 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
                 let Some(last) = batch.last() else { break };
                 after = last.id;
                 let ids: Vec<ItemId> = batch.iter().map(|lease| lease.id).collect();
-                let items = batch
-                    .into_iter()
-                    .map(|lease| UpItem {
+                let mut items = Vec::with_capacity(batch.len());
+                for lease in batch {
+                    let payload = if lease.kind == ItemKind::Dicom {
+                        // The instance's file goes first, resumably; the item carries only
+                        // what it is.
+                        match upload::instance(&uplink, &cx, &lease).await {
+                            Ok(summary) => summary,
+                            Err(reason) => break 'session reason,
+                        }
+                    } else {
+                        lease.payload
+                    };
+                    items.push(UpItem {
                         id: lease.id.0,
                         source: lease.source,
                         kind: lease.kind.as_str().to_owned(),
                         msg_type: lease.msg_type,
                         control_id: lease.control_id,
                         received_at_ms: lease.received_at_ms,
-                        payload: Payload(lease.payload),
-                    })
-                    .collect();
+                        payload: Payload(payload),
+                    });
+                }
                 let stored = uplink.send_items(session, items).await;
                 in_flight.push_back((ids, stored));
             }
