@@ -333,7 +333,10 @@ impl AgentConfig {
                 };
                 if !compatible {
                     let (what, takes) = if source_is_dicom {
-                        ("DICOM instances", "a sink of kind \"dicom\", \"stow\" or \"hub\"")
+                        (
+                            "DICOM instances",
+                            "a sink of kind \"dicom\", \"stow\" or \"hub\"",
+                        )
                     } else {
                         ("HL7 messages", "a sink of kind \"mllp\" or \"hub\"")
                     };

@@ -151,7 +151,7 @@ async fn queue_action(
             print_item(&item, payload);
             Ok(())
         }
-        QueueAction::Studies { instances, limit } => print_studies(&queue, instances, limit).await,
+        QueueAction::Studies { instances, limit } => print_studies(queue, instances, limit).await,
         QueueAction::Purge => {
             let report = queue.purge(config.retention).await?;
             println!(

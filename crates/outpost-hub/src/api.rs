@@ -432,12 +432,18 @@ async fn message_content(
             .unwrap_or_default();
         return Ok(([(header::CONTENT_TYPE, "x-application/hl7-v2+er7")], bytes).into_response());
     }
-    let Some((held, total)) = state.store.blob_state(&message.agent_id, message.item_id).await?
+    let Some((held, total)) = state
+        .store
+        .blob_state(&message.agent_id, message.item_id)
+        .await?
     else {
         return Err(not_found("instance file of message", &cursor.to_string()));
     };
     if held != total {
-        return Err(not_found("complete instance file of message", &cursor.to_string()));
+        return Err(not_found(
+            "complete instance file of message",
+            &cursor.to_string(),
+        ));
     }
     // Pages of parts, read one after the other as the client takes them.
     let (agent_id, item_id) = (message.agent_id.clone(), message.item_id);

@@ -467,7 +467,11 @@ pub trait Store: Send + Sync + 'static {
         data: &[u8],
     ) -> Result<u64, HubError>;
     /// The upload's (bytes held, total), if it was started.
-    async fn blob_state(&self, agent_id: &str, item_id: i64) -> Result<Option<(u64, u64)>, HubError>;
+    async fn blob_state(
+        &self,
+        agent_id: &str,
+        item_id: i64,
+    ) -> Result<Option<(u64, u64)>, HubError>;
     /// Parts of an upload from `from_offset` on, in order, at most `limit`: (offset, bytes).
     async fn blob_parts(
         &self,

@@ -58,6 +58,14 @@ pub async fn instance(
         if held >= total {
             return Ok(summary(&record));
         }
+        if held > 0 {
+            tracing::info!(
+                item_id,
+                held,
+                total,
+                "resuming an instance upload the hub holds part of"
+            );
+        }
         let mut reader = blobs
             .open_reader(&blob)
             .await
@@ -112,7 +120,12 @@ pub async fn instance(
             tracing::debug!(item_id, bytes = total, "instance file uploaded");
             return Ok(summary(&record));
         }
-        tracing::info!(item_id, held = confirmed, total, "hub holds less than sent; resuming");
+        tracing::info!(
+            item_id,
+            held = confirmed,
+            total,
+            "hub holds less than sent; resuming"
+        );
     }
     Err(format!(
         "item {item_id}: the hub did not take the whole file after {MAX_OFFERS} offers"
