@@ -468,6 +468,32 @@ impl HubApi {
             .unwrap_or_else(|err| panic!("GET {}{path}: {err}", self.base))
     }
 
+    /// `GET <path>` for a binary body; panics unless it answers 200.
+    pub fn get_bytes(&self, path: &str) -> Vec<u8> {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        self.runtime.block_on(async {
+            let response = request
+                .send()
+                .await
+                .unwrap_or_else(|err| panic!("GET {}{path}: {err}", self.base));
+            let status = response.status();
+            let body = response
+                .bytes()
+                .await
+                .unwrap_or_else(|err| panic!("GET {}{path}: reading the body: {err}", self.base));
+            assert!(
+                status.is_success(),
+                "GET {}{path}: {status}: {}",
+                self.base,
+                String::from_utf8_lossy(&body)
+            );
+            body.to_vec()
+        })
+    }
+
     /// `POST <path>` with a JSON body.
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> ApiResponse {
         self.send(self.client.post(format!("{}{path}", self.base)).json(body))

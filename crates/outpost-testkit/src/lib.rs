@@ -20,6 +20,7 @@
 
 mod agent;
 mod browser;
+pub mod dicom;
 mod hl7apy;
 mod hub;
 mod mllp;
