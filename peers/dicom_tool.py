@@ -7,7 +7,8 @@ usage: dicom_tool.py <command> ...
                                  prints one JSON object per file
   multiframe OUT MIB             a multi-frame grayscale word secondary capture of about MIB MiB
                                  (512x512x16-bit frames), explicit VR LE; prints its SOP Instance UID
-  batch OUTDIR N                 N small CT instances (64x64, one study), fresh UIDs; prints their UIDs
+  batch OUTDIR N [SIZE]          N CT instances (SIZExSIZE, default 64, 16-bit; one study), fresh UIDs;
+                                 prints their UIDs
   truncate SRC OUT KEEP          SRC with a fresh SOP Instance UID, cut KEEP bytes into its data set;
                                  prints the UID
   compare A B                    whether the data sets of A and B are equal element by element
@@ -87,13 +88,13 @@ def multiframe(out, mib):
     print(uid)
 
 
-def batch(outdir, n):
+def batch(outdir, n, size):
     os.makedirs(outdir, exist_ok=True)
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Rows = ds.Columns = 64
-    base = os.urandom(64 * 64 * 2)
+    ds.Rows = ds.Columns = size
+    base = os.urandom(size * size * 2)
     for i in range(n):
         uid = generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
@@ -217,7 +218,7 @@ def main(argv):
     elif command == "multiframe":
         multiframe(args[0], int(args[1]))
     elif command == "batch":
-        batch(args[0], int(args[1]))
+        batch(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 64)
     elif command == "truncate":
         truncate(args[0], args[1], int(args[2]))
     elif command == "compare":

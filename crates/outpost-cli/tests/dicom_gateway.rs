@@ -27,22 +27,43 @@ fn wait_delivered(agent: &Agent, sink: &str, count: u64, within: Duration) {
         &format!("sink {sink} has delivered {count} instances"),
         || {
             let ((pending, dead, delivered), status) = agent.sink_counts(sink);
-            assert_eq!(dead, 0, "dead letters for {sink}:\n{status}\nagent log tail:\n{}", agent.log_tail(30));
+            assert_eq!(
+                dead,
+                0,
+                "dead letters for {sink}:\n{status}\nagent log tail:\n{}",
+                agent.log_tail(30)
+            );
             if delivered >= count {
                 Ok(())
             } else {
                 Err(format!("{delivered} delivered, {pending} pending"))
             }
         },
-        || format!("queue status:\n{}\nagent log tail:\n{}", agent.queue(&["status"]), agent.log_tail(30)),
+        || {
+            format!(
+                "queue status:\n{}\nagent log tail:\n{}",
+                agent.queue(&["status"]),
+                agent.log_tail(30)
+            )
+        },
     );
 }
 
 /// Sends one file with dcmtk's storescu (the option for its transfer syntax) and checks
 /// that storescu saw it acknowledged with success.
 fn dcmtk_send(agent: &Agent, calling: &str, file: &DicomFile) {
-    let output = storescu(agent.port(), AGENT_AE, calling, &[file.storescu_option()], &[&file.path]);
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let output = storescu(
+        agent.port(),
+        AGENT_AE,
+        calling,
+        &[file.storescu_option()],
+        &[&file.path],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(
         output.status.success() && storescu_acknowledged(&text) == vec![file.path.clone()],
         "storescu {} ({}) to the agent: not acknowledged with success\n{}\nagent log tail:\n{}",
@@ -68,10 +89,16 @@ fn check_at_storescp(pacs: &Storescp, file: &DicomFile, byte_identical: bool) ->
     });
     let bytes = std::fs::read(path).unwrap();
     let meta = part10_meta(&bytes).unwrap();
-    assert_eq!(meta.sop_instance_uid, file.sop_instance_uid, "{}", path.display());
+    assert_eq!(
+        meta.sop_instance_uid,
+        file.sop_instance_uid,
+        "{}",
+        path.display()
+    );
     assert_eq!(meta.sop_class_uid, file.sop_class_uid, "{}", path.display());
     assert_eq!(
-        meta.transfer_syntax, file.transfer_syntax,
+        meta.transfer_syntax,
+        file.transfer_syntax,
         "{} arrived in another transfer syntax",
         file.path.display()
     );
@@ -87,7 +114,8 @@ fn check_at_storescp(pacs: &Storescp, file: &DicomFile, byte_identical: bool) ->
     }
     let comparison = compare_files(&file.path, path);
     assert_eq!(
-        comparison["equal"], true,
+        comparison["equal"],
+        true,
         "{} at storescp differs from the source element by element: {comparison}",
         file.path.display()
     );
@@ -112,7 +140,12 @@ fn check_at_orthanc(
     let bytes = orthanc.file(id);
     let meta = part10_meta(&bytes).unwrap();
     assert_eq!(meta.sop_instance_uid, file.sop_instance_uid);
-    assert_eq!(meta.transfer_syntax, file.transfer_syntax, "{} at Orthanc", file.path.display());
+    assert_eq!(
+        meta.transfer_syntax,
+        file.transfer_syntax,
+        "{} at Orthanc",
+        file.path.display()
+    );
     let dataset = dataset_of(&bytes).unwrap();
     assert!(
         dataset == expected,
@@ -137,7 +170,8 @@ fn instances_from_dcmtk_and_pynetdicom_reach_storescp_and_orthanc_unchanged() {
         }
     };
     let pacs = Storescp::start("STORESCP", &[]);
-    let mut config = dicom_source("modalities", free_port(), "") + &dicom_sink("pacs", pacs.port(), pacs.ae_title(), "");
+    let mut config = dicom_source("modalities", free_port(), "")
+        + &dicom_sink("pacs", pacs.port(), pacs.ae_title(), "");
     let mut sinks = vec!["pacs"];
     if let Some(orthanc) = &orthanc {
         config += &dicom_sink("orthanc", orthanc.dicom_port(), Orthanc::AE, "");
@@ -150,8 +184,9 @@ fn instances_from_dcmtk_and_pynetdicom_reach_storescp_and_orthanc_unchanged() {
     let samples = data.pydicom_samples("samples");
     // dcmtk's storescu sends every explicit-LE and compressed sample, one run per transfer
     // syntax option; pynetdicom's storescu sends the implicit-LE one.
-    let (from_pynetdicom, from_dcmtk): (Vec<&DicomFile>, Vec<&DicomFile>) =
-        samples.iter().partition(|s| s.transfer_syntax == IMPLICIT_LE);
+    let (from_pynetdicom, from_dcmtk): (Vec<&DicomFile>, Vec<&DicomFile>) = samples
+        .iter()
+        .partition(|s| s.transfer_syntax == IMPLICIT_LE);
     for file in &from_dcmtk {
         dcmtk_send(&agent, MODALITY_AE, file);
     }
@@ -179,7 +214,8 @@ fn instances_from_dcmtk_and_pynetdicom_reach_storescp_and_orthanc_unchanged() {
     let log = agent.log();
     for file in &samples {
         assert!(
-            log.lines().any(|l| l.contains("instance stored") && l.contains(&file.sop_instance_uid)),
+            log.lines()
+                .any(|l| l.contains("instance stored") && l.contains(&file.sop_instance_uid)),
             "no \"instance stored\" line for {}",
             file.sop_instance_uid
         );
@@ -189,7 +225,10 @@ fn instances_from_dcmtk_and_pynetdicom_reach_storescp_and_orthanc_unchanged() {
 #[test]
 fn a_64_mib_multiframe_instance_streams_through_in_bounded_memory() {
     const MIB: u64 = 64;
-    if skip_dicom_tests("a_64_mib_multiframe_instance_streams_through_in_bounded_memory", &[DicomPeer::Dcmtk]) {
+    if skip_dicom_tests(
+        "a_64_mib_multiframe_instance_streams_through_in_bounded_memory",
+        &[DicomPeer::Dcmtk],
+    ) {
         return;
     }
     let pacs = Storescp::start("STORESCP", &[]);
@@ -236,7 +275,10 @@ fn a_64_mib_multiframe_instance_streams_through_in_bounded_memory() {
 
 #[test]
 fn routes_pick_sinks_by_modality_sop_class_and_calling_ae() {
-    if skip_dicom_tests("routes_pick_sinks_by_modality_sop_class_and_calling_ae", &[DicomPeer::Dcmtk]) {
+    if skip_dicom_tests(
+        "routes_pick_sinks_by_modality_sop_class_and_calling_ae",
+        &[DicomPeer::Dcmtk],
+    ) {
         return;
     }
     const MR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.4";
@@ -248,8 +290,16 @@ fn routes_pick_sinks_by_modality_sop_class_and_calling_ae() {
             + &dicom_sink("ct", ct_pacs.port(), ct_pacs.ae_title(), "")
             + &dicom_sink("mr", mr_pacs.port(), mr_pacs.ae_title(), "")
             + &route("modalities", &["ct"], "modality = [\"CT\"]")
-            + &route("modalities", &["mr"], &format!("sop_class = [\"{MR_STORAGE}\"]"))
-            + &route("modalities", &["mr"], &format!("calling_ae = [\"{PY_MODALITY_AE}\"]"))),
+            + &route(
+                "modalities",
+                &["mr"],
+                &format!("sop_class = [\"{MR_STORAGE}\"]"),
+            )
+            + &route(
+                "modalities",
+                &["mr"],
+                &format!("calling_ae = [\"{PY_MODALITY_AE}\"]"),
+            )),
     );
     let data = TestData::new();
     let samples = data.pydicom_samples("samples");
@@ -262,17 +312,35 @@ fn routes_pick_sinks_by_modality_sop_class_and_calling_ae() {
     dcmtk_send(&agent, MODALITY_AE, ct);
     dcmtk_send(&agent, MODALITY_AE, mr);
     // No route takes a secondary capture from MODALITY: refused with a failure status.
-    let refused = storescu(agent.port(), AGENT_AE, MODALITY_AE, &[sc.storescu_option()], &[&sc.path]);
-    let text = format!("{}{}", String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+    let refused = storescu(
+        agent.port(),
+        AGENT_AE,
+        MODALITY_AE,
+        &[sc.storescu_option()],
+        &[&sc.path],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
     assert!(
         storescu_acknowledged(&text).is_empty() && text.contains("Received Store Response"),
         "an instance no route takes must get a failure status\n{}",
         describe_output(&refused)
     );
-    agent.wait_for_log_line(Duration::from_secs(10), &["no route takes it", &sc.sop_instance_uid]);
+    agent.wait_for_log_line(
+        Duration::from_secs(10),
+        &["no route takes it", &sc.sop_instance_uid],
+    );
     // The same instance from PYMODALITY is routed by calling AE.
     let output = pynetdicom_storescu(agent.port(), AGENT_AE, PY_MODALITY_AE, &[&sc.path]);
-    assert_eq!(pynetdicom_successes(&output), 1, "{}", describe_output(&output));
+    assert_eq!(
+        pynetdicom_successes(&output),
+        1,
+        "{}",
+        describe_output(&output)
+    );
 
     wait_delivered(&agent, "ct", 1, Duration::from_secs(30));
     wait_delivered(&agent, "mr", 2, Duration::from_secs(30));
@@ -281,8 +349,15 @@ fn routes_pick_sinks_by_modality_sop_class_and_calling_ae() {
     at_mr.sort();
     let mut expected_mr = vec![mr.sop_instance_uid.clone(), sc.sop_instance_uid.clone()];
     expected_mr.sort();
-    assert_eq!(at_ct, vec![ct.sop_instance_uid.clone()], "the CT PACS gets only the CT");
-    assert_eq!(at_mr, expected_mr, "the MR PACS gets the MR (by SOP class) and PYMODALITY's instance");
+    assert_eq!(
+        at_ct,
+        vec![ct.sop_instance_uid.clone()],
+        "the CT PACS gets only the CT"
+    );
+    assert_eq!(
+        at_mr, expected_mr,
+        "the MR PACS gets the MR (by SOP class) and PYMODALITY's instance"
+    );
     let ((_, _, ct_delivered), status) = agent.sink_counts("ct");
     assert_eq!(ct_delivered, 1, "{status}");
 }
@@ -301,7 +376,14 @@ fn outpost_dicom_echo_and_send_reach_the_agent_and_orthanc() {
             + &route("modalities", &["pacs"], "")),
     );
     let connect = format!("127.0.0.1:{}", agent.port());
-    let peer = ["--connect", connect.as_str(), "--ae-title", AGENT_AE, "--calling-ae-title", MODALITY_AE];
+    let peer = [
+        "--connect",
+        connect.as_str(),
+        "--ae-title",
+        AGENT_AE,
+        "--calling-ae-title",
+        MODALITY_AE,
+    ];
 
     let echo = agent.run_cli(&[&["dicom", "echo"][..], &peer].concat());
     assert!(
@@ -322,7 +404,12 @@ fn outpost_dicom_echo_and_send_reach_the_agent_and_orthanc() {
         describe_output(&send),
         agent.log_tail(20)
     );
-    wait_delivered(&agent, "pacs", samples.len() as u64, Duration::from_secs(60));
+    wait_delivered(
+        &agent,
+        "pacs",
+        samples.len() as u64,
+        Duration::from_secs(60),
+    );
     // `outpost dicom send` sends each data set as stored, so every one arrives byte for byte.
     for file in &samples {
         check_at_storescp(&pacs, file, true);
@@ -336,7 +423,11 @@ fn outpost_dicom_echo_and_send_reach_the_agent_and_orthanc() {
     let connect = format!("127.0.0.1:{}", orthanc.dicom_port());
     let peer = ["--connect", connect.as_str(), "--ae-title", Orthanc::AE];
     let echo = agent.run_cli(&[&["dicom", "echo"][..], &peer].concat());
-    assert!(echo.status.success(), "outpost dicom echo to Orthanc\n{}", describe_output(&echo));
+    assert!(
+        echo.status.success(),
+        "outpost dicom echo to Orthanc\n{}",
+        describe_output(&echo)
+    );
     let send = agent.run_cli(&[&["dicom", "send"][..], &peer, &[folder.as_str()]].concat());
     assert!(
         send.status.success(),
@@ -354,9 +445,56 @@ fn outpost_dicom_echo_and_send_reach_the_agent_and_orthanc() {
         std::fs::write(&copy, &bytes).unwrap();
         let comparison = compare_files(&file.path, &copy);
         assert_eq!(
-            comparison["equal"], true,
+            comparison["equal"],
+            true,
             "{} in Orthanc differs from the source: {comparison}",
             file.path.display()
         );
+    }
+}
+
+#[test]
+fn instances_forwarded_by_stow_rs_arrive_at_orthanc_unchanged() {
+    let test = "instances_forwarded_by_stow_rs_arrive_at_orthanc_unchanged";
+    if skip_dicom_tests(test, &[DicomPeer::Dcmtk, DicomPeer::Orthanc]) {
+        return;
+    }
+    let orthanc = Orthanc::start();
+    let pacs = Storescp::start("STORESCP", &[]);
+    let stow = format!(
+        "[[sink]]\nname = \"stow\"\nkind = \"stow\"\nurl = \"http://127.0.0.1:{}/dicom-web/studies\"\n\
+         timeout_secs = 30\nretry_initial_ms = 100\nretry_max_secs = 2\n\n",
+        orthanc.http_port()
+    );
+    let agent = Agent::start(
+        BIN,
+        &(dicom_source("modalities", free_port(), "")
+            + &dicom_sink("pacs", pacs.port(), pacs.ae_title(), "")
+            + &stow
+            + &route("modalities", &["pacs", "stow"], "")),
+    );
+    let data = TestData::new();
+    let samples = data.pydicom_samples("samples");
+    for file in &samples {
+        dcmtk_send(&agent, MODALITY_AE, file);
+    }
+    wait_delivered(
+        &agent,
+        "pacs",
+        samples.len() as u64,
+        Duration::from_secs(60),
+    );
+    wait_delivered(
+        &agent,
+        "stow",
+        samples.len() as u64,
+        Duration::from_secs(60),
+    );
+    let ids = orthanc.instances();
+    for file in &samples {
+        // What storescp got by C-STORE is what the agent stored; Orthanc must have the
+        // same data set from the STOW-RS request.
+        let dataset = check_at_storescp(&pacs, file, file.transfer_syntax != J2K);
+        check_at_orthanc(&orthanc, &ids, file, &dataset);
     }
 }

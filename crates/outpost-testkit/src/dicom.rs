@@ -221,6 +221,15 @@ pub fn storescu_command(
     command
 }
 
+/// A finished command's stdout and stderr together (dcmtk and pynetdicom log to stderr).
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// Files `storescu -v` reports acknowledged with success, in order: each `Sending file: X`
 /// followed by `Received Store Response (Success)`.
 pub fn storescu_acknowledged(output: &str) -> Vec<PathBuf> {
@@ -259,12 +268,8 @@ pub fn pynetdicom_storescu(port: u16, called: &str, calling: &str, files: &[&Pat
 
 /// How many C-STOREs pynetdicom's storescu reports answered with success.
 pub fn pynetdicom_successes(output: &Output) -> usize {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
+    output_text(output)
+        .lines()
         .filter(|line| line.contains("Received Store Response (Status: 0x0000"))
         .count()
 }
@@ -440,11 +445,16 @@ impl TestData {
             .collect()
     }
 
-    /// `n` small CT instances (64×64, one study, fresh UIDs) in `<dir>/<sub>`, in file-name
-    /// order.
-    pub fn ct_batch(&self, sub: &str, n: usize) -> Vec<DicomFile> {
+    /// `n` CT instances (`size`×`size` 16-bit pixels, one study, fresh UIDs) in
+    /// `<dir>/<sub>`, in file-name (and instance number) order.
+    pub fn ct_batch(&self, sub: &str, n: usize, size: u32) -> Vec<DicomFile> {
         let dir = self.dir.path().join(sub);
-        dicom_tool(&["batch", &dir.to_string_lossy(), &n.to_string()]);
+        dicom_tool(&[
+            "batch",
+            &dir.to_string_lossy(),
+            &n.to_string(),
+            &size.to_string(),
+        ]);
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap_or_else(|err| panic!("read {}: {err}", dir.display()))
             .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -976,4 +986,58 @@ pub fn p_data_tf(pc_id: u8, command: bool, last: bool, data: &[u8]) -> Vec<u8> {
     pdu.push(header);
     pdu.extend_from_slice(data);
     pdu
+}
+
+/// The Status (0000,0900) of a DIMSE response whose command set is in `pdu_body` (the body
+/// of a P-DATA-TF holding one command PDV, as the gateway and dcmtk send responses).
+pub fn response_status(pdu_body: &[u8]) -> Option<u16> {
+    // PDV item: length (4), context id (1), header (1), then the command set.
+    let command = pdu_body.get(6..)?;
+    let mut at = 0;
+    while at + 8 <= command.len() {
+        let group = u16::from_le_bytes([command[at], command[at + 1]]);
+        let element = u16::from_le_bytes([command[at + 2], command[at + 3]]);
+        let len = u32::from_le_bytes([
+            command[at + 4],
+            command[at + 5],
+            command[at + 6],
+            command[at + 7],
+        ]) as usize;
+        if (group, element) == (0, 0x0900) && len == 2 {
+            let value = command.get(at + 8..at + 10)?;
+            return Some(u16::from_le_bytes([value[0], value[1]]));
+        }
+        at += 8 + len;
+    }
+    None
+}
+
+/// Sends `dataset` (bytes as they are, possibly broken) as one C-STORE on an association
+/// `stream` opened with a single presentation context (id 1) for `sop_class_uid`, in PDVs
+/// of at most 16 KiB, and returns the status of the response. Errors if the association
+/// ends first.
+pub fn raw_c_store(
+    stream: &mut TcpStream,
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    dataset: &[u8],
+) -> std::io::Result<u16> {
+    stream.write_all(&p_data_tf(
+        1,
+        true,
+        true,
+        &c_store_rq(sop_class_uid, sop_instance_uid, 1),
+    ))?;
+    let chunks: Vec<&[u8]> = dataset.chunks(16 * 1024).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        stream.write_all(&p_data_tf(1, false, i + 1 == chunks.len(), chunk))?;
+    }
+    let (kind, body) = read_pdu(stream)?;
+    if kind != 0x04 {
+        return Err(std::io::Error::other(format!(
+            "PDU type {kind:#04x} instead of a C-STORE-RSP: {body:02x?}"
+        )));
+    }
+    response_status(&body)
+        .ok_or_else(|| std::io::Error::other(format!("a response without a status: {body:02x?}")))
 }

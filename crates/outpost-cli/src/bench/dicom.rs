@@ -103,6 +103,15 @@ pub async fn run(instances: usize, size: usize, python: &str) -> anyhow::Result<
     let (agent_time, forward_time) =
         result.with_context(|| format!("agent log: {}", tail(&log)))?;
 
+    // The same files straight from storescu to Orthanc: what Orthanc itself takes.
+    let orthanc_direct = match &orthanc {
+        Some(orthanc) => Some(storescu(
+            std::net::SocketAddr::from(([127, 0, 0, 1], orthanc.dicom_port)),
+            "ORTHANC",
+            &files,
+        )?),
+        None => None,
+    };
     let per_sec = |time: Duration| instances as f64 / time.as_secs_f64().max(1e-6);
     let mb_per_sec = |time: Duration| total_bytes as f64 / 1e6 / time.as_secs_f64().max(1e-6);
     println!(
@@ -116,19 +125,21 @@ pub async fn run(instances: usize, size: usize, python: &str) -> anyhow::Result<
         mb_per_sec(agent_time)
     );
     let forward = forward_time.map(per_sec);
-    match forward {
-        Some(rate) => println!("agent -> Orthanc (C-STORE): {rate:.0} instances/s, from the first instance in to the last stored"),
-        None => println!("agent -> Orthanc: skipped (no /usr/sbin/Orthanc)"),
+    let direct = orthanc_direct.map(per_sec);
+    match (forward, direct) {
+        (Some(rate), Some(direct)) => println!("agent -> Orthanc (C-STORE): {rate:.0} instances/s from the first instance in to the last stored | storescu -> Orthanc: {direct:.0} instances/s"),
+        _ => println!("agent -> Orthanc: skipped (no /usr/sbin/Orthanc)"),
     }
     let ratio = per_sec(agent_time) / per_sec(peer_time);
     println!(
-        "dicom: {instances} x {:.2} MB | agent {:.0} inst/s {:.1} MB/s | storescp {:.0} inst/s {:.1} MB/s | forward {} inst/s | ratio {ratio:.2}",
+        "dicom: {instances} x {:.2} MB | agent {:.0} inst/s {:.1} MB/s | storescp {:.0} inst/s {:.1} MB/s | forward {} inst/s (storescu to Orthanc {}) | ratio {ratio:.2}",
         total_bytes as f64 / 1e6 / instances.max(1) as f64,
         per_sec(agent_time),
         mb_per_sec(agent_time),
         per_sec(peer_time),
         mb_per_sec(peer_time),
         forward.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
+        direct.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
     );
     if let Some(mut orthanc) = orthanc {
         stop(&mut orthanc.process);
