@@ -292,7 +292,9 @@ impl<S: InstanceStore> Association<S> {
             // The gate has logged why.
             Err(dicom_ul::association::Error::Rejected { .. }) => return,
             Err(e) => {
-                warn!(peer = %self.peer, "association from {} not established: {}", self.peer, chain(&e));
+                // Often a port probe or a health check that connects and closes: worth a
+                // line, not a warning.
+                tracing::info!(peer = %self.peer, "association from {} not established: {}", self.peer, chain(&e));
                 return;
             }
         };
@@ -657,6 +659,15 @@ impl<S: InstanceStore> Session<S> {
                     writer.abort().await;
                 }
                 refusal
+            }
+            (None, Some(writer)) if flight.bytes % 2 == 1 => {
+                // Every DICOM data set has an even length: an odd one was cut short
+                // mid-value, and forwarding it would make the PACS abort.
+                writer.abort().await;
+                StoreStatus {
+                    code: status::CANNOT_UNDERSTAND,
+                    comment: "data set has an odd length (truncated)".into(),
+                }
             }
             (None, Some(writer)) => {
                 let attributes =

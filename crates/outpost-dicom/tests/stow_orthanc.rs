@@ -43,20 +43,6 @@ fn orthanc_skipped(test: &str) -> bool {
     false
 }
 
-fn bindlo_shim() -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bindlo.c");
-    let shim = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bindlo.so");
-    let status = std::process::Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&shim)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("gcc, to build the loopback bind shim");
-    assert!(status.success(), "gcc {} failed", source.display());
-    shim
-}
-
 impl Orthanc {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -75,7 +61,7 @@ impl Orthanc {
         let log = dir.path().join("orthanc.log");
         let child = tokio::process::Command::new(ORTHANC)
             .arg(&config_path)
-            .env("LD_PRELOAD", bindlo_shim())
+            .env("LD_PRELOAD", support::bindlo_shim())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(dir.path().join("orthanc.err")).unwrap())

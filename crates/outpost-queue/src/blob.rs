@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -274,19 +274,24 @@ impl BlobWriter {
 
     async fn seal_chunk(&mut self, last: bool) -> Result<(), BlobError> {
         let nonce = nonce(&self.prefix, self.index, last);
-        let sealed = self
+        // Sealed in place in the one chunk buffer: no allocation per chunk (at this size
+        // each would be a fresh mapping, zeroed by the kernel).
+        let tag = self
             .cipher
-            .encrypt(&nonce, self.chunk.as_slice())
+            .encrypt_in_place_detached(&nonce, b"", &mut self.chunk)
             .map_err(|_| damaged(&self.tmp, "sealing failed"))?;
-        self.chunk.clear();
         self.index = self
             .index
             .checked_add(1)
             .ok_or_else(|| damaged(&self.tmp, "blob too large"))?;
-        let mut framed = Vec::with_capacity(4 + sealed.len());
-        framed.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&sealed);
-        self.write_raw(&framed).await
+        let sealed_len = (self.chunk.len() + TAG_BYTES) as u32;
+        self.write_raw(&sealed_len.to_be_bytes()).await?;
+        let chunk = std::mem::take(&mut self.chunk);
+        let written = self.write_raw(&chunk).await;
+        self.chunk = chunk;
+        self.chunk.clear();
+        written?;
+        self.write_raw(tag.as_slice()).await
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), BlobError> {

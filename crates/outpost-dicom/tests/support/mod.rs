@@ -78,7 +78,7 @@ pub fn samples() -> Vec<Sample> {
                 names = names.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
                 dir = dir.display().to_string(),
             );
-            let out = std::process::Command::new("python3")
+            let out = std::process::Command::new(python())
                 .args(["-c", &script])
                 .output()
                 .expect("python3 with pydicom (pip install pydicom==3.0.2)");
@@ -373,6 +373,32 @@ pub fn log_lines_with(needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The Python with pydicom: `OUTPOST_PYTHON` (set by `scripts/test.sh`), else `python3`.
+pub fn python() -> String {
+    std::env::var("OUTPOST_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// `tests/bindlo.c` built once per test process: preloaded into peers that have no
+/// bind-address option, it turns their wildcard binds into loopback ones.
+pub fn bindlo_shim() -> PathBuf {
+    static SHIM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bindlo.c");
+        let shim = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("bindlo-{}.so", std::process::id()));
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&shim)
+            .arg(&source)
+            .arg("-ldl")
+            .status()
+            .expect("cc, to build the loopback bind shim");
+        assert!(status.success(), "cc {} failed", source.display());
+        shim
+    })
+    .clone()
+}
+
 /// A dcmtk storescp in bit-preserving mode accepting every transfer syntax; killed on drop.
 pub struct Storescp {
     pub port: u16,
@@ -384,7 +410,9 @@ impl Storescp {
     pub async fn start(ae: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        // storescp has no bind-address option: the shim keeps it on loopback.
         let child = tokio::process::Command::new("/usr/bin/storescp")
+            .env("LD_PRELOAD", bindlo_shim())
             .args(["+xa", "+B", "-aet", ae, "-od"])
             .arg(dir.path())
             .args(["-fe", ".dcm", &port.to_string()])

@@ -146,7 +146,18 @@ async fn send_batch(
                     .await?;
                 tracing::error!(item_id = %lease.id, problem, outcome = ?failed, "an instance's blob cannot be read");
             }
-            Err(SendError::Link(problem)) => return Ok(BatchEnd::PacsUnreachable(problem)),
+            Err(SendError::Link(problem)) => {
+                // The association broke while this instance was on its way: count it, so
+                // an instance the PACS aborts on every time ends as a dead letter instead
+                // of blocking the sink for ever. A PACS that went away is backed off from.
+                let error = format!("the association broke while sending: {problem}");
+                let failed = cx
+                    .queue
+                    .mark_failed(&cx.name, lease.id, &error, *policy, false)
+                    .await?;
+                tracing::warn!(item_id = %lease.id, sop_instance_uid = %record.sop_instance_uid, outcome = ?failed, "{error}");
+                return Ok(BatchEnd::PacsUnreachable(problem));
+            }
         }
     }
     if let Err(err) = association.release().await {
