@@ -413,6 +413,18 @@ async fn remove_orphan_blobs(queue: &Queue, blobs: &outpost_queue::blob::BlobSto
     };
     let mut removed = 0usize;
     for name in names {
+        // A blob is moved into place just before its queue record commits: a young one
+        // may be an instance being acknowledged right now.
+        let young = blobs
+            .path(&name)
+            .ok()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .and_then(|meta| meta.modified().ok())
+            .and_then(|modified| modified.elapsed().ok())
+            .is_none_or(|age| age < UNFINISHED_AFTER);
+        if young {
+            continue;
+        }
         match queue.find_by_external_ref(&name).await {
             Ok(None) => {
                 if blobs.remove(&name).await.is_ok() {

@@ -183,9 +183,14 @@ pub(crate) async fn submit(
                     ));
                 }
             }
-            let mut ids = request.agents.clone();
-            ids.dedup();
-            ids
+            // Each agent once, in the order given.
+            let mut seen = std::collections::HashSet::new();
+            request
+                .agents
+                .iter()
+                .filter(|id| seen.insert(id.as_str()))
+                .cloned()
+                .collect()
         }
         (Some(selector), true) => {
             let selector = selector.trim();

@@ -176,7 +176,8 @@ struct AgentPage {
     mirror: crate::store::MirrorState,
 }
 
-async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
+/// An agent's page data; support jobs only for staff (apps see fleet health and messages).
+async fn agent_data(state: &HubState, id: &str, is_staff: bool) -> Result<AgentPage, ApiError> {
     let agent = state.store.agent(id).await?.ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -185,7 +186,11 @@ async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
         )
     })?;
     let messages = state.store.recent_messages(id, 50).await?;
-    let jobs = state.store.recent_jobs(id, 20).await?;
+    let jobs = if is_staff {
+        state.store.recent_jobs(id, 20).await?
+    } else {
+        Vec::new()
+    };
     let mirror = state.store.mirror_state(id).await?;
     let agent = serde_json::to_value(agent_view(state, agent)).unwrap_or_default();
     Ok(AgentPage {
@@ -197,11 +202,12 @@ async fn agent_data(state: &HubState, id: &str) -> Result<AgentPage, ApiError> {
 }
 
 async fn agent_json(
-    _caller: ApiCaller,
+    caller: ApiCaller,
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentPage>, ApiError> {
-    Ok(Json(agent_data(&state, &id).await?))
+    let is_staff = caller.principal.starts_with("staff:");
+    Ok(Json(agent_data(&state, &id, is_staff).await?))
 }
 
 async fn agent_page(
@@ -209,10 +215,10 @@ async fn agent_page(
     State(state): State<Arc<HubState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if caller.is_err() {
+    let Ok(caller) = caller else {
         return Ok(Redirect::to("/login").into_response());
-    }
-    let data = agent_data(&state, &id).await?;
+    };
+    let data = agent_data(&state, &id, caller.principal.starts_with("staff:")).await?;
     let initial = script_json(&data);
     let body = r#"<p><a href="/">&larr; Fleet</a></p><h2 id="title"></h2><div id="summary"></div>
 <h3>Connectors</h3><table><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>State</th><th>Items</th><th>Failures</th><th>Last error</th></tr></thead><tbody id="connectors"></tbody></table>

@@ -24,6 +24,8 @@ const SWEEP: Duration = Duration::from_secs(1);
 const FLUSH: Duration = Duration::from_millis(50);
 /// How often a rollout's controller looks at its jobs.
 const CONTROL: Duration = Duration::from_millis(100);
+/// How long the dispatcher waits for one session to take a message.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a job may live.
 pub const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 
@@ -192,6 +194,22 @@ pub async fn submit(
     tracing::info!(rollout_id = %rollout.id, staff = %staff.name, capability = %rollout.capability, agents = jobs.len(), "jobs submitted");
     tokio::spawn(control_rollout(state.clone(), rollout.clone()));
     Ok((rollout, jobs))
+}
+
+/// Takes up the rollouts left `running` by a hub process that stopped (its own, before a
+/// restart, or another one over the same database): their controllers release the rest
+/// and expire what outlived its expiry. Two hubs doing this at once is harmless: releasing
+/// is atomic in the store and the other steps are idempotent.
+pub async fn resume_rollouts(state: Arc<HubState>) {
+    match state.store.running_rollouts().await {
+        Ok(rollouts) => {
+            for rollout in rollouts {
+                tracing::info!(rollout_id = %rollout.id, "taking up a rollout still running");
+                tokio::spawn(control_rollout(state.clone(), rollout));
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot read running rollouts"),
+    }
 }
 
 /// Releases a rollout's jobs up to its concurrency, expires what outlived its expiry at
@@ -368,7 +386,14 @@ pub async fn send_jobs(state: &HubState, agent_ids: &[String], include_sent: boo
                     job: job.signed_job,
                     signature: job.signature,
                 };
-                let _ = session.outbox.send(message).await;
+                // One stuck session must not hold up every other agent's jobs; a job not
+                // handed over stays `sent` and goes again with the agent's next session.
+                if tokio::time::timeout(SEND_TIMEOUT, session.outbox.send(message))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(agent_id = %job.agent_id, "the agent's session is not taking messages; its job goes with the next session");
+                }
             }
         }
     }

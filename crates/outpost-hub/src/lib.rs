@@ -241,6 +241,7 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<Run
     tokio::spawn(flush_heartbeats(state.clone(), shutdown.child_token()));
     tokio::spawn(jobs::dispatch(state.clone(), shutdown.child_token()));
     tokio::spawn(jobs::flush_reports(state.clone(), shutdown.child_token()));
+    tokio::spawn(jobs::resume_rollouts(state.clone()));
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| HubError::Bind {

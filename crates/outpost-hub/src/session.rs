@@ -67,6 +67,37 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
     );
     tracing::info!(agent_id = %agent.id, name = %agent.name, %peer, "agent connected");
 
+    // The writer runs before anything is queued: a reconnecting agent may have more waiting
+    // for it (messages, jobs) than the outbox holds.
+    let writer_cancel = cancel.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = writer_cancel.cancelled() => {
+                    // Whatever was queued before the cancel (a `Refused` saying why the
+                    // session ends, above all) still goes out.
+                    while let Ok(message) = outgoing.try_recv() {
+                        let text = outpost_proto::encode(&message);
+                        if sender.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                next = outgoing.recv() => next,
+            };
+            let Some(message) = next else { break };
+            if sender
+                .send(Message::Text(outpost_proto::encode(&message).into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = sender.close().await;
+    });
+
     let welcome = HubToAgent::Welcome {
         heartbeat_secs: state.config.heartbeat.as_secs(),
         hub_time_ms: now_ms(),
@@ -103,35 +134,6 @@ pub async fn run(socket: WebSocket, state: Arc<HubState>, peer: crate::listener:
         },
         Err(_) => None,
     };
-
-    let writer_cancel = cancel.clone();
-    let writer = tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = writer_cancel.cancelled() => {
-                    // Whatever was queued before the cancel (a `Refused` saying why the
-                    // session ends, above all) still goes out.
-                    while let Ok(message) = outgoing.try_recv() {
-                        let text = outpost_proto::encode(&message);
-                        if sender.send(Message::Text(text.into())).await.is_err() {
-                            break;
-                        }
-                    }
-                    break;
-                }
-                next = outgoing.recv() => next,
-            };
-            let Some(message) = next else { break };
-            if sender
-                .send(Message::Text(outpost_proto::encode(&message).into()))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        let _ = sender.close().await;
-    });
 
     loop {
         let frame = tokio::select! {

@@ -142,6 +142,7 @@ pub struct UplinkHandle {
     pub(crate) control: mpsc::Sender<AgentToHub>,
     pub(crate) state: watch::Receiver<LinkState>,
     pub(crate) blob_have: tokio::sync::broadcast::Sender<(i64, u64)>,
+    pub(crate) audit: mpsc::Sender<(u64, Vec<String>)>,
 }
 
 pub(crate) struct DataRequest {
@@ -197,6 +198,16 @@ impl UplinkHandle {
     pub async fn send(&self, message: AgentToHub) -> Result<(), UplinkError> {
         self.control
             .send(message)
+            .await
+            .map_err(|_| UplinkError::SessionLost)
+    }
+
+    /// Sends audit log lines on session `session` only: lines queued for a session that has
+    /// ended are dropped, since the hub's next session asks again from where its copy ends
+    /// (sent late, they would look like a gap).
+    pub async fn send_audit(&self, session: u64, lines: Vec<String>) -> Result<(), UplinkError> {
+        self.audit
+            .send((session, lines))
             .await
             .map_err(|_| UplinkError::SessionLost)
     }

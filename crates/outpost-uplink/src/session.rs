@@ -49,6 +49,7 @@ impl Uplink {
         let (control, control_rx) = mpsc::channel(256);
         let (state_tx, state) = watch::channel(LinkState::Down("not connected yet".into()));
         let (blob_have, _) = tokio::sync::broadcast::channel(256);
+        let (audit, audit_rx) = mpsc::channel(4);
         let link = Link {
             credentials,
             inventory,
@@ -57,6 +58,7 @@ impl Uplink {
             control_rx,
             state: state_tx,
             blob_have: blob_have.clone(),
+            audit_rx,
             shutdown,
         };
         tokio::spawn(link.run());
@@ -65,6 +67,7 @@ impl Uplink {
             control,
             state,
             blob_have,
+            audit,
         }
     }
 }
@@ -77,6 +80,7 @@ struct Link {
     control_rx: mpsc::Receiver<AgentToHub>,
     state: watch::Sender<LinkState>,
     blob_have: tokio::sync::broadcast::Sender<(i64, u64)>,
+    audit_rx: mpsc::Receiver<(u64, Vec<String>)>,
     shutdown: CancellationToken,
 }
 
@@ -238,6 +242,12 @@ impl Link {
                     Some(AgentToHub::Heartbeat { inventory: Box::new(inventory) })
                 }
                 control = self.control_rx.recv() => control,
+                audit = self.audit_rx.recv() => match audit {
+                    Some((for_session, lines)) if for_session == session => {
+                        Some(AgentToHub::AuditLines { lines })
+                    }
+                    _ => None,
+                },
                 request = self.data_rx.recv(), if can_send_data => match request {
                     Some(request) if request.session == session => {
                         let ids = request.items.iter().map(|i| i.id).collect();

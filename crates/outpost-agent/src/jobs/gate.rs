@@ -64,6 +64,16 @@ impl Gate {
             reason,
             job: Some(Box::new(spec.clone())),
         };
+        // They are shown to the practice's approver and written to the audit log: no
+        // control characters that could redraw a terminal line, and a bounded length.
+        for (field, value) in [("job_id", &spec.job_id), ("staff", &spec.staff)] {
+            if value.is_empty() || value.len() > 128 || value.chars().any(char::is_control) {
+                return Err(refuse(
+                    "job-fields",
+                    format!("the job's {field} is empty, longer than 128 bytes or holds control characters"),
+                ));
+            }
+        }
         if spec.agent_id != self.agent_id {
             return Err(refuse(
                 "agent-id",

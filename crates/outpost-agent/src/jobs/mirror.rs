@@ -4,7 +4,6 @@
 use std::io::{BufRead, Seek, SeekFrom};
 use std::path::Path;
 
-use outpost_proto::AgentToHub;
 use outpost_uplink::UplinkHandle;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -62,7 +61,7 @@ pub async fn run(
                 match read {
                     Ok(Ok((lines, last_seq, next))) if !lines.is_empty() => {
                         bookmark = next;
-                        if uplink.send(AgentToHub::AuditLines { lines }).await.is_err() {
+                        if uplink.send_audit(session, lines).await.is_err() {
                             break;
                         }
                         hub = Some((session, last_seq));

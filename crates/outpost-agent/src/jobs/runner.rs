@@ -25,6 +25,9 @@ use crate::AgentError;
 
 /// How often waiting approvals, expiries and the policy file are looked at.
 const TICK: Duration = Duration::from_millis(500);
+/// Delivery ids remembered against redelivery, at most (a replay is still refused by its
+/// nonce).
+const MAX_REMEMBERED_DISPATCHES: usize = 100_000;
 /// The policy and config files are checked for changes every this many ticks.
 const FILE_CHECK_TICKS: u32 = 4;
 
@@ -107,6 +110,7 @@ pub fn start(
         waiting,
         handlers,
         running: HashMap::new(),
+        taken: std::collections::HashSet::new(),
         slots: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
         shared: Arc::new(Shared {
             cx,
@@ -147,6 +151,8 @@ struct Runner {
     waiting: usize,
     handlers: HashMap<Capability, Arc<dyn CapabilityHandler>>,
     running: HashMap<String, CancellationToken>,
+    /// Deliveries taken by this process, so a redelivery is not mistaken for a replay.
+    taken: std::collections::HashSet<String>,
     slots: Arc<Semaphore>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -175,6 +181,16 @@ impl Runner {
                 _ = self.shutdown.cancelled() => break,
                 message = inbox.recv() => match message {
                     Some(RunnerMessage::Job { dispatch_id, job }) => {
+                        // The hub sends a job again when a session broke before the agent's
+                        // first report reached it; this process already has it.
+                        if !self.taken.insert(dispatch_id.clone()) {
+                            tracing::debug!(dispatch_id, "job delivered again; already taken");
+                            continue;
+                        }
+                        if self.taken.len() > MAX_REMEMBERED_DISPATCHES {
+                            self.taken.clear();
+                            self.taken.insert(dispatch_id.clone());
+                        }
                         if let Some(cleared) = self.take(dispatch_id, job).await {
                             self.launch(cleared, finished_tx.clone()).await;
                         }

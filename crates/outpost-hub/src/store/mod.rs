@@ -190,7 +190,8 @@ pub struct JobRecord {
     pub capability: String,
     /// The staff member who asked.
     pub staff: String,
-    /// The arguments (JSON text).
+    /// The arguments (JSON text); never serialised: they may hold PHI (a path, a search).
+    #[serde(skip)]
     pub args: String,
     /// The signed [`outpost_proto::JobSpec`] JSON, exactly as signed; not serialised.
     #[serde(skip)]
@@ -378,6 +379,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_rollout(&self, rollout: &RolloutRecord) -> Result<(), HubError>;
     /// One rollout.
     async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, HubError>;
+    /// Rollouts still `running`, oldest first (a hub restarting takes them up again).
+    async fn running_rollouts(&self) -> Result<Vec<RolloutRecord>, HubError>;
     /// Changes a rollout's state.
     async fn set_rollout_state(&self, id: &str, state: &str, now_ms: i64) -> Result<(), HubError>;
     /// Records jobs, in one transaction. On PostgreSQL, also notifies every hub process

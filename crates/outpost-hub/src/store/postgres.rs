@@ -1088,6 +1088,24 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn running_rollouts(&self) -> Result<Vec<RolloutRecord>, HubError> {
+        self.run("running_rollouts", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT id, staff, capability, max_concurrency, error_threshold, state, created_at, updated_at
+                     FROM rollouts WHERE state = 'running' ORDER BY created_at",
+                )
+                .await?;
+            let rows = client.query(&stmt, &[]).await?;
+            Ok(rows
+                .iter()
+                .map(rollout_from_row)
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     async fn set_rollout_state(&self, id: &str, state: &str, now_ms: i64) -> Result<(), HubError> {
         self.run("set_rollout_state", async {
             let client = self.pool.get().await?;

@@ -616,6 +616,18 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn running_rollouts(&self) -> Result<Vec<RolloutRecord>, HubError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, staff, capability, max_concurrency, error_threshold, state, created_at, updated_at
+                 FROM rollouts WHERE state = 'running' ORDER BY created_at",
+            )?;
+            let rows = stmt.query_map([], rollout_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn set_rollout_state(&self, id: &str, state: &str, now_ms: i64) -> Result<(), HubError> {
         let (id, state) = (id.to_owned(), state.to_owned());
         self.run(move |c| {

@@ -44,6 +44,14 @@ type InFlight = VecDeque<(
 
 /// Batches sent and not yet stored, at most (the uplink allows as many).
 const WINDOW: usize = 4;
+/// Retry policy for items that cannot be read (made dead letters at once).
+const UNREADABLE: outpost_queue::RetryPolicy = outpost_queue::RetryPolicy {
+    initial_backoff: Duration::from_secs(1),
+    max_backoff: Duration::from_secs(60),
+    max_attempts: Some(1),
+};
+/// How long the sink waits for a replaced session before trying again on the same one.
+const RETRY_SAME_SESSION: Duration = Duration::from_secs(10);
 /// How long an idle sink waits before looking at the queue again without a wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -77,7 +85,7 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
                     .await?;
                 let Some(last) = batch.last() else { break };
                 after = last.id;
-                let ids: Vec<ItemId> = batch.iter().map(|lease| lease.id).collect();
+                let mut ids: Vec<ItemId> = Vec::with_capacity(batch.len());
                 let mut items = Vec::with_capacity(batch.len());
                 for lease in batch {
                     let payload = if lease.kind == ItemKind::Dicom {
@@ -85,11 +93,20 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
                         // what it is.
                         match upload::instance(&uplink, &cx, &lease).await {
                             Ok(summary) => summary,
-                            Err(reason) => break 'session reason,
+                            Err(upload::UploadError::Unreadable(problem)) => {
+                                let failed = cx
+                                    .queue
+                                    .mark_failed(&cx.name, lease.id, &problem, UNREADABLE, true)
+                                    .await?;
+                                tracing::error!(item_id = %lease.id, problem, outcome = ?failed, "an instance cannot be read for the hub");
+                                continue;
+                            }
+                            Err(upload::UploadError::Link(reason)) => break 'session reason,
                         }
                     } else {
                         lease.payload
                     };
+                    ids.push(lease.id);
                     items.push(UpItem {
                         id: lease.id.0,
                         source: lease.source,
@@ -99,6 +116,9 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
                         received_at_ms: lease.received_at_ms,
                         payload: Payload(payload),
                     });
+                }
+                if items.is_empty() {
+                    continue;
                 }
                 let stored = uplink.send_items(session, items).await;
                 in_flight.push_back((ids, stored));
@@ -141,6 +161,8 @@ pub async fn run_sink(config: SinkConfig, cx: SinkContext) -> Result<(), Connect
         tokio::select! {
             _ = cx.shutdown.cancelled() => break,
             _ = wait_for_new_session(&uplink, session) => {}
+            // A timeout on a session that stays up (a slow hub) is tried again on it.
+            _ = tokio::time::sleep(RETRY_SAME_SESSION) => {}
         }
     }
     stopped(&cx)

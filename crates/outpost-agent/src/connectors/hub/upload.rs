@@ -35,20 +35,35 @@ struct InstanceSummary<'a> {
     bytes: u64,
 }
 
+/// Why an upload stopped.
+pub enum UploadError {
+    /// The instance's record or blob cannot be read: no retry helps (a dead letter).
+    Unreadable(String),
+    /// The link or the hub: try again (the upload resumes).
+    Link(String),
+}
+
+impl From<String> for UploadError {
+    fn from(problem: String) -> Self {
+        UploadError::Link(problem)
+    }
+}
+
 /// Uploads the instance of `lease` until the hub holds all of it; returns the item's
-/// payload for the hub (the instance's summary). An error ends the session's delivery
-/// (the sink starts again, and the upload resumes, on the next one).
+/// payload for the hub (the instance's summary).
 pub async fn instance(
     uplink: &UplinkHandle,
     cx: &SinkContext,
     lease: &Lease,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, UploadError> {
+    let unreadable =
+        |problem: String| UploadError::Unreadable(format!("item {}: {problem}", lease.id));
     let record: InstanceRecord = serde_json::from_slice(&lease.payload)
-        .map_err(|err| format!("item {}: not a DICOM instance record: {err}", lease.id))?;
+        .map_err(|err| unreadable(format!("not a DICOM instance record: {err}")))?;
     let blob = record
         .blob_ref()
-        .ok_or_else(|| format!("item {}: the blob key is not hex", lease.id))?;
-    let blobs = BlobStore::open(&cx.data_dir).map_err(|err| err.to_string())?;
+        .ok_or_else(|| unreadable("the blob key is not hex".to_owned()))?;
+    let blobs = BlobStore::open(&cx.data_dir).map_err(|err| unreadable(err.to_string()))?;
     let item_id = lease.id.0;
     let total = blob.len;
     let mut answers = uplink.blob_answers();
@@ -69,7 +84,7 @@ pub async fn instance(
         let mut reader = blobs
             .open_reader(&blob)
             .await
-            .map_err(|err| format!("item {}: {err}", lease.id))?;
+            .map_err(|err| unreadable(err.to_string()))?;
         let mut position = 0u64;
         let mut part = Vec::with_capacity(MAX_BLOB_PART);
         let mut part_offset = held;
@@ -77,7 +92,7 @@ pub async fn instance(
         while let Some(chunk) = reader
             .next_chunk()
             .await
-            .map_err(|err| format!("item {}: {err}", lease.id))?
+            .map_err(|err| unreadable(err.to_string()))?
         {
             let start = position;
             position += chunk.len() as u64;
@@ -127,9 +142,9 @@ pub async fn instance(
             "hub holds less than sent; resuming"
         );
     }
-    Err(format!(
+    Err(UploadError::Link(format!(
         "item {item_id}: the hub did not take the whole file after {MAX_OFFERS} offers"
-    ))
+    )))
 }
 
 fn summary(record: &InstanceRecord) -> Vec<u8> {

@@ -117,6 +117,19 @@ impl CapabilityHandler for ConfigPropose {
                 shown(&proposed.policy)
             )));
         }
+        // Where the agent's data goes at the vendor is not a connector setting either: a
+        // proposal may not point the uplink at another hub or trust another CA.
+        let hub_of = |config: &AgentConfig| {
+            config
+                .hub
+                .as_ref()
+                .map(|hub| (hub.url.clone(), hub.ca_file.clone(), hub.token.clone()))
+        };
+        if hub_of(&proposed) != hub_of(current) {
+            return Err(refused(
+                "the `[hub]` table would change; which hub this agent trusts is set at the practice, not by a proposal".to_owned(),
+            ));
+        }
         let proposed_table: toml::Table = text
             .parse()
             .map_err(|err: toml::de::Error| refused(err.to_string()))?;
