@@ -107,7 +107,7 @@ fn instances_reach_the_hub_byte_identical_and_an_upload_resumes_after_the_hub_re
     }
     let work = tempfile::tempdir().unwrap();
     let small = make_instance(work.path(), "small.dcm", 2);
-    let big = make_instance(work.path(), "big.dcm", 32);
+    let big = make_instance(work.path(), "big.dcm", 64);
     let mut hub = Hub::start(BIN);
     let api = hub.api(Some(&hub.apikey("imaging-app")));
     let token = hub.token("Imaging Center", "1h");
@@ -139,10 +139,19 @@ fn instances_reach_the_hub_byte_identical_and_an_upload_resumes_after_the_hub_re
     );
     hub.kill9();
     sender.join().unwrap();
+    let (held, total) = upload_progress(&hub).unwrap();
+    assert!(held < total, "the hub was killed with the file incomplete");
     hub.restart();
-    agent.wait_for_log_line(
+    wait_until_explained(
         Duration::from_secs(120),
-        &["resuming an instance upload the hub holds part of"],
+        "the agent resumes the upload from what the hub holds",
+        || {
+            agent
+                .log()
+                .contains("resuming an instance upload the hub holds part of")
+                .then_some(())
+        },
+        || context(&agent, &hub),
     );
 
     let messages = wait_until_explained(
