@@ -247,7 +247,7 @@ mod tests {
             ),
             (
                 MINIMAL_CONFIG.replace("enroll-SECRET-123", "***"),
-                "`hub.token`",
+                "the `[hub]` table would change",
             ),
         ];
         for (text, expected) in cases {
