@@ -321,8 +321,15 @@ impl Link {
                 let _ = self.blob_have.send((item_id, offset));
             }
             HubToAgent::AuditWanted { after_seq } => {
-                self.pass_on(Inbound::AuditWanted { after_seq, session })
-                    .await?;
+                // Advisory: an agent that keeps no audit log (a test harness, a benchmark's
+                // simulated agents) simply does not take it, and the session goes on.
+                match self
+                    .inbound
+                    .try_send(Inbound::AuditWanted { after_seq, session })
+                {
+                    Err(mpsc::error::TrySendError::Full(message)) => self.pass_on(message).await?,
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
             }
             HubToAgent::Refused { reason } => {
                 return Err(format!("hub ended the session: {reason}"))
