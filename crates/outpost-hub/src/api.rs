@@ -82,6 +82,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The secret a request presents: `Authorization: Bearer …`, else the dashboard's cookie.
+pub(crate) fn presented_secret(parts: &Parts) -> Option<String> {
+    let header_value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match header_value.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(secret) => Some(secret.to_owned()),
+        None => crate::dashboard::session_key(parts),
+    }
+}
+
 /// A caller with a valid API key (`Authorization: Bearer opk_…`) or staff token.
 pub struct ApiCaller {
     /// The key's name.
@@ -97,23 +109,13 @@ impl FromRequestParts<Arc<HubState>> for ApiCaller {
         parts: &mut Parts,
         state: &Arc<HubState>,
     ) -> Result<Self, Self::Rejection> {
-        let header_value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let key = match header_value.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(key) => key.to_owned(),
-            None => match crate::dashboard::session_key(parts) {
-                Some(key) => key,
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "missing_api_key",
-                        "send an API key as `Authorization: Bearer <key>`",
-                    ))
-                }
-            },
-        };
+        let key = presented_secret(parts).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_api_key",
+                "send an API key as `Authorization: Bearer <key>`",
+            )
+        })?;
         let hash = secrets::hash_secret(&key);
         if let Some(name) = state.store.api_key(&hash).await? {
             return Ok(ApiCaller {

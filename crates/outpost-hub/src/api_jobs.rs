@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::rejection::{QueryRejection, StringRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outpost_proto::JobState;
@@ -49,20 +49,13 @@ impl FromRequestParts<Arc<HubState>> for StaffCaller {
         parts: &mut Parts,
         state: &Arc<HubState>,
     ) -> Result<Self, Self::Rejection> {
-        let header_value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let token = match header_value.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(token) => token.to_owned(),
-            None => crate::dashboard::session_key(parts).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_staff_token",
-                    "send your staff token as `Authorization: Bearer <token>` (made with `outpost hub staff add`)",
-                )
-            })?,
-        };
+        let token = crate::api::presented_secret(parts).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_staff_token",
+                "send your staff token as `Authorization: Bearer <token>` (made with `outpost hub staff add`)",
+            )
+        })?;
         match state
             .store
             .staff_by_token(&secrets::hash_secret(&token))

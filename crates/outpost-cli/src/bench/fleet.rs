@@ -7,9 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ed25519_dalek::SigningKey;
-use indicatif::{ProgressBar, ProgressStyle};
-use outpost_hub::store::AgentRecord;
 use outpost_hub::HubConfig;
 use outpost_proto::Inventory;
 use outpost_uplink::{Credentials, Uplink, UplinkHandle};
@@ -88,30 +85,8 @@ async fn measure(
     let store = outpost_hub::open_store(&config).await?;
     let ca = config.data_dir.join("tls").join(outpost_hub::tls::CA_FILE);
 
-    let progress = ProgressBar::new(agents as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    progress.set_prefix("enrolling");
-    let mut identities = Vec::with_capacity(agents);
-    for n in 0..agents {
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let agent = AgentRecord {
-            id: format!("agt_bench{n:06}"),
-            name: format!("Bench practice {n}"),
-            public_key: hex::encode(key.verifying_key().to_bytes()),
-            hostname: format!("bench-{n}"),
-            enrolled_at_ms: outpost_hub::now_ms(),
-            revoked_at_ms: None,
-            last_seen_ms: None,
-            inventory: None,
-        };
-        store.insert_agent(&agent).await?;
-        identities.push((agent.id, key));
-        progress.inc(1);
-    }
+    let progress = super::fleet_progress(agents);
+    let identities = super::register_agents(store.as_ref(), agents, "agt_bench", &progress).await?;
     drop(store);
 
     progress.set_position(0);

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ed25519_dalek::SigningKey;
-use indicatif::{ProgressBar, ProgressStyle};
 use outpost_agent::jobs::capability::ReloadRequest;
 use outpost_agent::jobs::gate::Gate;
 use outpost_agent::jobs::mirror;
 use outpost_agent::jobs::{runner, JobContext, RunnerSettings};
-use outpost_hub::store::{AgentRecord, StaffRecord};
+use outpost_hub::store::StaffRecord;
 use outpost_hub::HubConfig;
 use outpost_policy::{Policy, Request};
 use outpost_proto::{Inventory, JobSpec};
@@ -112,30 +111,8 @@ async fn measure(
     let policy_path = work.join("policy.toml");
     std::fs::write(&policy_path, POLICY)?;
 
-    let progress = ProgressBar::new(agents as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    progress.set_prefix("enrolling");
-    let mut identities = Vec::with_capacity(agents);
-    for n in 0..agents {
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let agent = AgentRecord {
-            id: format!("agt_jobs{n:06}"),
-            name: format!("Bench practice {n}"),
-            public_key: hex::encode(key.verifying_key().to_bytes()),
-            hostname: format!("bench-{n}"),
-            enrolled_at_ms: outpost_hub::now_ms(),
-            revoked_at_ms: None,
-            last_seen_ms: None,
-            inventory: None,
-        };
-        store.insert_agent(&agent).await?;
-        identities.push((agent.id, key));
-        progress.inc(1);
-    }
+    let progress = super::fleet_progress(agents);
+    let identities = super::register_agents(store.as_ref(), agents, "agt_jobs", &progress).await?;
     drop(store);
 
     progress.set_position(0);

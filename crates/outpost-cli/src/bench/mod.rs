@@ -26,6 +26,46 @@ mod fleet;
 mod jobs;
 mod uplink;
 
+/// A progress bar for enrolling and connecting simulated agents.
+pub(crate) fn fleet_progress(agents: usize) -> ProgressBar {
+    let progress = ProgressBar::new(agents as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    progress
+}
+
+/// Registers `agents` simulated agents straight in the hub's store, each with a key made
+/// here; returns their ids and keys.
+pub(crate) async fn register_agents(
+    store: &dyn outpost_hub::store::Store,
+    agents: usize,
+    id_prefix: &str,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<(String, ed25519_dalek::SigningKey)>> {
+    progress.set_prefix("enrolling");
+    let mut identities = Vec::with_capacity(agents);
+    for n in 0..agents {
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let agent = outpost_hub::store::AgentRecord {
+            id: format!("{id_prefix}{n:06}"),
+            name: format!("Bench practice {n}"),
+            public_key: hex::encode(key.verifying_key().to_bytes()),
+            hostname: format!("bench-{n}"),
+            enrolled_at_ms: outpost_hub::now_ms(),
+            revoked_at_ms: None,
+            last_seen_ms: None,
+            inventory: None,
+        };
+        store.insert_agent(&agent).await?;
+        identities.push((agent.id, key));
+        progress.inc(1);
+    }
+    Ok(identities)
+}
+
 /// When each message was sent, by control id, for end-to-end latency.
 pub(crate) type SendTimes = Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>;
 
