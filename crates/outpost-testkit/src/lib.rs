@@ -113,14 +113,35 @@ pub fn peers_dir() -> PathBuf {
     workspace_root().join("peers")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux), from a counter that
+/// starts at a random place per test process: a port the kernel handed out for `:0` can be
+/// handed out again at once as the source port of any outgoing connection, which made
+/// servers started on it fail with "address in use" under load.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap_or_else(|err| panic!("bind 127.0.0.1:0 to find a free port: {err}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|err| panic!("local address of a listener: {err}"))
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let _ = NEXT.compare_exchange(u32::MAX, seed % COUNT, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..COUNT {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!(
+        "no free TCP port on 127.0.0.1 between {FIRST} and {}",
+        FIRST + COUNT
+    )
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port` right now.

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -301,13 +301,18 @@ pub fn describe(output: &std::process::Output) -> String {
     )
 }
 
-/// A free loopback port for a peer that binds by number.
+/// A free loopback port for a peer that binds by number, below the kernel's ephemeral
+/// range so no outgoing connection takes it as its source port before the peer binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 1_000) * 7;
+    for _ in 0..12_000 {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between 20000 and 32000")
 }
 
 /// Polls `check` every 20 ms until it holds, failing with `what` after `within`.
