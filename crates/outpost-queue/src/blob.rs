@@ -82,7 +82,7 @@ impl BlobStore {
     pub async fn create(&self) -> Result<BlobWriter, BlobError> {
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
-        let name = format!("{}.blob", hex(&id));
+        let name = format!("{}.blob", hex::encode(id));
         let tmp = self.dir.join("tmp").join(&name);
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -401,10 +401,6 @@ fn damaged(path: &Path, problem: &str) -> BlobError {
         path: path.to_owned(),
         problem: problem.to_owned(),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Makes a rename durable: on Unix the folder's entry must be synced too.

@@ -214,22 +214,10 @@ pub struct InstanceRecord {
 impl InstanceRecord {
     /// The blob reference.
     pub fn blob_ref(&self) -> Option<BlobRef> {
-        let bytes: Vec<u8> = (0..self.key.len())
-            .step_by(2)
-            .map(|i| {
-                self.key
-                    .get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()?;
         Some(BlobRef {
             name: self.blob.clone(),
-            key: bytes.try_into().ok()?,
+            key: hex::decode(&self.key).ok()?.try_into().ok()?,
             len: self.len,
         })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -14,7 +14,7 @@ use outpost_queue::blob::{BlobStore, BlobWriter};
 use outpost_queue::NewItem;
 use tokio::net::TcpListener;
 
-use super::{hex, InstanceRecord, SourceConfig};
+use super::{InstanceRecord, SourceConfig};
 use crate::connectors::SourceContext;
 use crate::health::ConnectorState;
 use crate::ConnectorError;
@@ -142,7 +142,7 @@ impl InstanceWriter for QueueWriter {
         })?;
         let record = InstanceRecord {
             blob: blob.name.clone(),
-            key: hex(&blob.key),
+            key: hex::encode(blob.key),
             len: blob.len,
             ..record_base
         };
