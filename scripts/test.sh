@@ -44,6 +44,9 @@ fi
 export OUTPOST_PYTHON="$PWD/$VENV/bin/python"
 export PATH="$PWD/$VENV/bin:$PATH"   # python-hl7's mllp_send
 
+# A one-shot build gains nothing from incremental state, which would double target/.
+export CARGO_INCREMENTAL=0
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
