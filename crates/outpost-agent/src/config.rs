@@ -9,7 +9,7 @@ use outpost_core::ConnectorName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::connectors::{dicom, hub, mllp, SinkKind, SourceKind};
+use crate::connectors::{dicom, hub, jsonl, mllp, sql, SinkKind, SourceKind};
 use crate::ConfigError;
 
 /// A loaded, checked agent config.
@@ -147,9 +147,9 @@ fn default_shutdown_grace_secs() -> u64 {
 }
 
 /// The source kinds this version knows, for error messages.
-const SOURCE_KINDS: &str = "\"mllp\", \"dicom\"";
+const SOURCE_KINDS: &str = "\"mllp\", \"dicom\", \"sql\"";
 /// The sink kinds this version knows, for error messages.
-const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\", \"stow\"";
+const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\", \"stow\", \"jsonl\"";
 
 impl AgentConfig {
     /// Reads and checks the config file.
@@ -171,6 +171,8 @@ impl AgentConfig {
             .parse()
             .map_err(|err: toml::de::Error| invalid(err.to_string().trim_end().to_owned()))?;
         let raw: RawConfig = deserialize_at(toml::Value::Table(table), "").map_err(&invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let anchored = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
         let mut sources = Vec::new();
         for (index, table) in raw.source.into_iter().enumerate() {
@@ -184,6 +186,18 @@ impl AgentConfig {
                 "dicom" => SourceKind::Dicom(
                     deserialize_at::<dicom::SourceConfig>(rest, &at).map_err(&invalid)?,
                 ),
+                "sql" => {
+                    let mut config =
+                        deserialize_at::<sql::SourceConfig>(rest, &at).map_err(&invalid)?;
+                    config.password_file = config.password_file.map(&anchored);
+                    // The message names the key inside the table (`url`, `tables[1].key`…).
+                    config.validate(base).map_err(|err| {
+                        let text = err.to_string();
+                        let (key, message) = text.split_once(": ").unwrap_or(("url", &text));
+                        invalid(format!("key `{at}.{key}`: {message}"))
+                    })?;
+                    SourceKind::Sql(Box::new(config))
+                }
                 other => return Err(invalid(unknown_kind(&at, other, SOURCE_KINDS))),
             };
             sources.push(SourceConfig { name, kind });
@@ -206,6 +220,12 @@ impl AgentConfig {
                 "stow" => SinkKind::Stow(
                     deserialize_at::<dicom::StowSinkConfig>(rest, &at).map_err(&invalid)?,
                 ),
+                "jsonl" => {
+                    let mut config =
+                        deserialize_at::<jsonl::SinkConfig>(rest, &at).map_err(&invalid)?;
+                    config.path = anchored(config.path);
+                    SinkKind::Jsonl(config)
+                }
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
             sinks.push(SinkConfig { name, kind });
@@ -227,7 +247,6 @@ impl AgentConfig {
             ),
             None => None,
         };
-        let base = path.parent().unwrap_or(Path::new("."));
         let hub = hub.map(|mut hub| {
             hub.ca_file = hub
                 .ca_file
@@ -322,17 +341,23 @@ impl AgentConfig {
                 .sources
                 .iter()
                 .any(|s| s.name == route.from && matches!(s.kind, SourceKind::Dicom(_)));
+            let source_is_sql = self
+                .sources
+                .iter()
+                .any(|s| s.name == route.from && matches!(s.kind, SourceKind::Sql(_)));
             for (to_index, to) in route.to.iter().enumerate() {
                 let Some(sink) = self.sinks.iter().find(|s| &s.name == to) else {
                     return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
                 };
                 let compatible = match sink.kind {
-                    SinkKind::Hub(_) => true,
+                    SinkKind::Hub(_) | SinkKind::Jsonl(_) => true,
                     SinkKind::Dicom(_) | SinkKind::Stow(_) => source_is_dicom,
-                    SinkKind::Mllp(_) => !source_is_dicom,
+                    SinkKind::Mllp(_) => !source_is_dicom && !source_is_sql,
                 };
                 if !compatible {
-                    let (what, takes) = if source_is_dicom {
+                    let (what, takes) = if source_is_sql {
+                        ("change events", "a sink of kind \"jsonl\" or \"hub\"")
+                    } else if source_is_dicom {
                         (
                             "DICOM instances",
                             "a sink of kind \"dicom\", \"stow\" or \"hub\"",
@@ -346,6 +371,9 @@ impl AgentConfig {
             let filters_dicom = !route.modality.is_empty()
                 || !route.calling_ae.is_empty()
                 || !route.sop_class.is_empty();
+            if source_is_sql && !route.msh9.is_empty() {
+                return Err(format!("key `route[{index}].msh9`: filters HL7 messages, but source \"{}\" is a SQL source", route.from));
+            }
             if !source_is_dicom && filters_dicom {
                 return Err(format!("key `route[{index}]`: `modality`, `calling_ae` and `sop_class` filter DICOM instances, but source \"{}\" is not a DICOM source", route.from));
             }

@@ -136,7 +136,7 @@ pub async fn start_with(
                 name: source.name.to_string(),
                 message: err.to_string(),
             })?;
-        if let Ok(addr) = listener.local_addr() {
+        if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
             listeners.push((source.name.clone(), addr));
         }
         let kind = source.kind.clone();
@@ -154,16 +154,22 @@ pub async fn start_with(
                     ..cx.clone()
                 };
                 async move {
-                    let reused = bound.lock().ok().and_then(|mut slot| slot.take());
+                    let reused = bound.lock().ok().and_then(|mut slot| slot.take()).flatten();
                     let listener = match reused {
-                        Some(listener) => listener,
+                        Some(listener) => Some(listener),
                         None => bind_source(&kind).await?,
                     };
+                    let needs_listener =
+                        || ConnectorError::Unavailable("the source's listener is not bound".into());
                     match kind {
-                        SourceKind::Mllp(config) => mllp::run_source(config, listener, cx).await,
+                        SourceKind::Mllp(config) => {
+                            mllp::run_source(config, listener.ok_or_else(needs_listener)?, cx).await
+                        }
                         SourceKind::Dicom(config) => {
+                            let listener = listener.ok_or_else(needs_listener)?;
                             connectors::dicom::run_source(config, listener, cx).await
                         }
+                        SourceKind::Sql(config) => connectors::sql::run_source(*config, cx).await,
                     }
                 }
             })
@@ -283,14 +289,16 @@ async fn run_sink(kind: SinkKind, cx: SinkContext) -> Result<(), ConnectorError>
         SinkKind::Hub(config) => connectors::hub::run_sink(config, cx).await,
         SinkKind::Dicom(config) => connectors::dicom::run_sink(config, cx).await,
         SinkKind::Stow(config) => connectors::dicom::run_stow_sink(config, cx).await,
+        SinkKind::Jsonl(config) => connectors::jsonl::run_sink(config, cx).await,
     }
 }
 
-/// Binds a listening source's address.
-async fn bind_source(kind: &SourceKind) -> Result<tokio::net::TcpListener, ConnectorError> {
+/// Binds a listening source's address; `None` for a source that does not listen.
+async fn bind_source(kind: &SourceKind) -> Result<Option<tokio::net::TcpListener>, ConnectorError> {
     match kind {
-        SourceKind::Mllp(config) => mllp::bind_source(config).await,
-        SourceKind::Dicom(config) => connectors::dicom::bind_source(config).await,
+        SourceKind::Mllp(config) => mllp::bind_source(config).await.map(Some),
+        SourceKind::Dicom(config) => connectors::dicom::bind_source(config).await.map(Some),
+        SourceKind::Sql(_) => Ok(None),
     }
 }
 

@@ -87,6 +87,8 @@ pub enum ItemKind {
     Hl7,
     /// One DICOM instance: the payload is a small record naming its encrypted blob.
     Dicom,
+    /// One database change event (JSON, see `docs/change-events.md`).
+    Change,
 }
 
 impl ItemKind {
@@ -95,6 +97,7 @@ impl ItemKind {
         match self {
             Self::Hl7 => "hl7",
             Self::Dicom => "dicom",
+            Self::Change => "change",
         }
     }
 }
@@ -105,6 +108,7 @@ impl FromStr for ItemKind {
         match s {
             "hl7" => Ok(Self::Hl7),
             "dicom" => Ok(Self::Dicom),
+            "change" => Ok(Self::Change),
             other => Err(NameError::UnknownKind(other.to_owned())),
         }
     }

@@ -105,6 +105,8 @@ impl PgDatabase {
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
+        // A database with a logical replication slot cannot be dropped: drop its slots first.
+        self.server.drop_slots(&self.name);
         // WITH (FORCE) ends the connections of a hub or pool that may still be closing.
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
         if let Err(err) = self.server.try_psql("postgres", &sql) {
@@ -226,12 +228,37 @@ impl Server {
         );
         for name in listed.unwrap_or_default().lines().map(str::trim) {
             if name.starts_with(DB_PREFIX) {
+                self.drop_slots(name);
                 let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
                 if let Err(err) = self.try_psql("postgres", &sql) {
                     eprintln!("could not drop leftover test database {name}: {err}");
                 }
             }
         }
+    }
+
+    /// Drops the replication slots of database `name` (ending the sessions using them), so
+    /// that the database can be dropped. `name` is one of our `test_db_…` names.
+    fn drop_slots(&self, name: &str) {
+        let sql = format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE database = '{name}' AND active_pid IS NOT NULL; \
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE database = '{name}' AND NOT active; \
+             SELECT count(*) FROM pg_replication_slots WHERE database = '{name}'"
+        );
+        // A terminated session lets go of its slot a moment later: try again until none is left.
+        for _ in 0..50 {
+            match self.try_psql("postgres", &sql) {
+                Ok(out) if out.lines().last().map(str::trim) == Some("0") => return,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                Err(err) => {
+                    eprintln!("could not drop the replication slots of {name}: {err}");
+                    return;
+                }
+            }
+        }
+        eprintln!("replication slots of {name} were still in use after 5 s");
     }
 
     fn psql(&self, db: &str, sql: &str) -> String {

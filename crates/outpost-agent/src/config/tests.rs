@@ -99,7 +99,9 @@ fn a_value_of_the_wrong_type_names_its_key() {
 fn an_unknown_kind_lists_the_known_ones() {
     let err = error_of(&MINIMAL.replacen("kind = \"mllp\"", "kind = \"mlp\"", 1));
     assert!(
-        err.contains("key `source[0].kind`: expected one of \"mllp\", \"dicom\", found \"mlp\""),
+        err.contains(
+            "key `source[0].kind`: expected one of \"mllp\", \"dicom\", \"sql\", found \"mlp\""
+        ),
         "{err}"
     );
 }

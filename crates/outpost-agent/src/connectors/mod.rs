@@ -4,7 +4,9 @@
 
 pub mod dicom;
 pub mod hub;
+pub mod jsonl;
 pub mod mllp;
+pub mod sql;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ pub enum SourceKind {
     Mllp(mllp::SourceConfig),
     /// DICOM storage SCP, listening.
     Dicom(dicom::SourceConfig),
+    /// Change events out of a database (boxed: the largest config by far).
+    Sql(Box<sql::SourceConfig>),
 }
 
 /// Every sink kind.
@@ -37,6 +41,8 @@ pub enum SinkKind {
     Dicom(dicom::SinkConfig),
     /// A DICOMweb server, by STOW-RS.
     Stow(dicom::StowSinkConfig),
+    /// A file of JSON lines.
+    Jsonl(jsonl::SinkConfig),
 }
 
 impl SourceKind {
@@ -45,6 +51,7 @@ impl SourceKind {
         match self {
             Self::Mllp(_) => "mllp",
             Self::Dicom(_) => "dicom",
+            Self::Sql(_) => "sql",
         }
     }
 
@@ -53,6 +60,7 @@ impl SourceKind {
         match self {
             Self::Mllp(config) => Some(config.listen.0),
             Self::Dicom(config) => Some(config.listen.0),
+            Self::Sql(_) => None,
         }
     }
 
@@ -60,7 +68,7 @@ impl SourceKind {
     pub fn acks_on_delivery(&self) -> bool {
         match self {
             Self::Mllp(config) => config.ack == mllp::AckMode::OnDelivery,
-            Self::Dicom(_) => false,
+            Self::Dicom(_) | Self::Sql(_) => false,
         }
     }
 }
@@ -73,6 +81,7 @@ impl SinkKind {
             Self::Hub(_) => "hub",
             Self::Dicom(_) => "dicom",
             Self::Stow(_) => "stow",
+            Self::Jsonl(_) => "jsonl",
         }
     }
 
@@ -80,7 +89,7 @@ impl SinkKind {
     pub fn returns_acks(&self) -> bool {
         match self {
             Self::Mllp(_) => true,
-            Self::Hub(_) | Self::Dicom(_) | Self::Stow(_) => false,
+            Self::Hub(_) | Self::Dicom(_) | Self::Stow(_) | Self::Jsonl(_) => false,
         }
     }
 }

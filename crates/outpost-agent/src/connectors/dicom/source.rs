@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use outpost_core::ItemKind;
+use outpost_core::{ConnectorName, ItemKind};
 use outpost_dicom::{
     status, IncomingInstance, InstanceAttributes, InstanceStore, InstanceWriter, StoreStatus,
 };
@@ -56,6 +56,23 @@ pub async fn run_source(
     outpost_dicom::scp::serve(listener, scp_config(&config), store, shutdown)
         .await
         .map_err(|err| ConnectorError::Unavailable(err.to_string()))
+}
+
+/// Takes back a record committed for an instance whose blob then failed: each delivery
+/// becomes a dead letter that says why, so no sink waits on a blob that is not there. The
+/// sender was told the instance failed and will send it again.
+async fn withdraw(cx: &SourceContext, id: outpost_core::ItemId, sinks: &[ConnectorName]) {
+    let policy = outpost_queue::RetryPolicy {
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(1),
+        max_attempts: Some(1),
+    };
+    let reason = "the instance's file could not be written to disk; the sender was told it failed";
+    for sink in sinks {
+        if let Err(err) = cx.queue.mark_failed(sink, id, reason, policy, true).await {
+            tracing::error!(error = %err, item_id = %id, "cannot withdraw the record of a failed instance");
+        }
+    }
 }
 
 /// The queue as an SCP's instance store.
@@ -136,14 +153,10 @@ impl InstanceWriter for QueueWriter {
                 comment: "no route of this gateway takes this instance".into(),
             });
         }
-        let blob = blob.finish().await.map_err(|err| {
-            tracing::error!(error = %err, sop_instance_uid = %instance.sop_instance_uid, "cannot finish an incoming instance");
-            out_of_resources("the gateway cannot store the instance (disk)")
-        })?;
         let record = InstanceRecord {
-            blob: blob.name.clone(),
-            key: hex::encode(blob.key),
-            len: blob.len,
+            blob: blob.name().to_owned(),
+            key: hex::encode(blob.key()),
+            len: blob.len(),
             ..record_base
         };
         let payload = serde_json::to_vec(&record).unwrap_or_default();
@@ -153,20 +166,38 @@ impl InstanceWriter for QueueWriter {
             msg_type: record.modality.clone(),
             control_id: Some(record.sop_instance_uid.clone()),
             subject: None,
-            external_ref: Some(blob.name.clone()),
+            external_ref: Some(record.blob.clone()),
             payload,
-            sinks,
+            sinks: sinks.clone(),
         };
-        match cx.queue.append(item).await {
-            Ok(id) => {
+        // The record is committed while the blob is synced; the instance is acknowledged
+        // only when both are on disk.
+        let (stored, appended) = blob.finish_alongside(cx.queue.append(item)).await;
+        match (stored, appended) {
+            (Ok(_), Some(Ok(id))) => {
                 cx.health.count_item(&cx.name);
                 tracing::info!(item_id = %id, sop_instance_uid = %record.sop_instance_uid, calling_ae = %record.calling_ae, bytes = record.len, "instance stored");
                 Ok(())
             }
-            Err(err) => {
-                let _ = blobs.remove(&blob.name).await;
+            (Err(err), appended) => {
+                tracing::error!(error = %err, sop_instance_uid = %instance.sop_instance_uid, "cannot finish an incoming instance");
                 cx.health.record_failure(&cx.name, &err.to_string());
-                tracing::error!(error = %err, sop_instance_uid = %record.sop_instance_uid, "instance refused: the queue did not take it");
+                if let Some(Ok(id)) = appended {
+                    withdraw(&cx, id, &sinks).await;
+                }
+                let _ = blobs.remove(&record.blob).await;
+                Err(out_of_resources(
+                    "the gateway cannot store the instance (disk)",
+                ))
+            }
+            (Ok(_), appended) => {
+                let reason = match appended {
+                    Some(Err(err)) => err.to_string(),
+                    _ => "the queue did not answer".to_owned(),
+                };
+                let _ = blobs.remove(&record.blob).await;
+                cx.health.record_failure(&cx.name, &reason);
+                tracing::error!(error = %reason, sop_instance_uid = %record.sop_instance_uid, "instance refused: the queue did not take it");
                 Err(out_of_resources("the gateway cannot queue the instance"))
             }
         }

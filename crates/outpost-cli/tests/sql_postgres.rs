@@ -1,0 +1,201 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The real `outpost agent` capturing a real PostgreSQL 15 with the issue's minimal config
+//! (`kind = "sql"` source, `kind = "jsonl"` sink): the snapshot and then the changes land in
+//! the file in commit order; killed with -9 mid-stream and restarted, no change is missing.
+//! Skipped, with a `SKIPPED` line, when `OUTPOST_PEERS=skip`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use outpost_testkit::{skip_postgres_tests, wait_until_explained, Agent, PgDatabase};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+const SCHEMA: &str = "
+CREATE TABLE patient (patnum bigint PRIMARY KEY, lname text NOT NULL, fname text,
+                      birthdate date, balance numeric(12,2));
+CREATE TABLE appointment (aptnum int PRIMARY KEY, patnum bigint NOT NULL,
+                          start_at timestamptz, note text);
+INSERT INTO patient VALUES (1, 'Müller', 'Zoë', '1980-02-29', 12.50),
+                           (2, '山田', NULL, NULL, NULL), (3, 'O''Brien', 'Seán', NULL, 0);
+INSERT INTO appointment VALUES (1, 1, '2024-06-01 09:00:00+00', 'checkup'), (2, 2, NULL, NULL);
+";
+
+/// The issue's minimal config, with the test database's URL.
+fn minimal_config(url: &str) -> String {
+    format!(
+        r#"data_dir = "./outpost-data"
+[[source]]
+name = "pms"
+kind = "sql"
+url = "{url}"
+mode = "cdc"
+tables = [ {{ name = "patient", key = ["patnum"] }},
+           {{ name = "appointment", key = ["aptnum"] }} ]
+[[sink]]
+name = "events"
+kind = "jsonl"
+path = "./events.jsonl"
+[[route]]
+from = "pms"
+to = ["events"]
+"#
+    )
+}
+
+fn events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("line {line:?}: {err}")))
+        .collect()
+}
+
+fn wait_for_events(agent: &Agent, path: &Path, count: usize, what: &str) -> Vec<Value> {
+    wait_until_explained(
+        Duration::from_secs(60),
+        what,
+        || {
+            let events = events(path);
+            if events.len() >= count {
+                Ok(events)
+            } else {
+                Err(format!("{} of {count} events so far", events.len()))
+            }
+        },
+        || format!("agent log tail:\n{}", agent.log_tail(30)),
+    )
+}
+
+fn brief(event: &Value) -> (String, String, Value) {
+    (
+        event["table"].as_str().unwrap().to_owned(),
+        event["op"].as_str().unwrap().to_owned(),
+        event["key"].clone(),
+    )
+}
+
+#[test]
+fn postgres_changes_reach_the_jsonl_file_in_order_across_kill_9() {
+    if skip_postgres_tests("postgres_changes_reach_the_jsonl_file_in_order_across_kill_9") {
+        return;
+    }
+    let db = PgDatabase::create();
+    db.psql(SCHEMA);
+    let mut agent = Agent::start(BIN, &minimal_config(&db.url()));
+    let file = agent.dir().join("events.jsonl");
+
+    let snapshot = wait_for_events(&agent, &file, 5, "the snapshot is in the file");
+    let got: Vec<_> = snapshot.iter().map(brief).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("patient".into(), "snapshot".into(), json!({"patnum": 1})),
+            ("patient".into(), "snapshot".into(), json!({"patnum": 2})),
+            ("patient".into(), "snapshot".into(), json!({"patnum": 3})),
+            (
+                "appointment".into(),
+                "snapshot".into(),
+                json!({"aptnum": 1})
+            ),
+            (
+                "appointment".into(),
+                "snapshot".into(),
+                json!({"aptnum": 2})
+            ),
+        ]
+    );
+    assert_eq!(snapshot[0]["source"], json!("pms"));
+    assert_eq!(snapshot[0]["after"]["lname"], json!("Müller"));
+    assert_eq!(snapshot[0]["after"]["balance"], json!("12.50"));
+    assert_eq!(snapshot[0]["after"]["birthdate"], json!("1980-02-29"));
+
+    db.psql(
+        "BEGIN;
+         INSERT INTO patient VALUES (4, 'Nguyễn', NULL, NULL, 1.10);
+         UPDATE appointment SET note = 'moved', start_at = '2024-06-03 08:00:00+00' WHERE aptnum = 1;
+         COMMIT;
+         DELETE FROM appointment WHERE aptnum = 2;",
+    );
+    let all = wait_for_events(&agent, &file, 8, "the first changes are in the file");
+    let got: Vec<_> = all[5..].iter().map(brief).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("patient".into(), "insert".into(), json!({"patnum": 4})),
+            ("appointment".into(), "update".into(), json!({"aptnum": 1})),
+            ("appointment".into(), "delete".into(), json!({"aptnum": 2})),
+        ]
+    );
+    assert_eq!(all[6]["after"]["start_at"], json!("2024-06-03T08:00:00Z"));
+    assert_eq!(all[6]["before"], json!({"aptnum": 1}));
+    assert_eq!(all[7]["after"], Value::Null);
+    assert_eq!(all[5]["tx"], all[6]["tx"]);
+    assert!(all[5]["commit_time"].as_str().is_some());
+    let log = agent.log();
+    assert!(
+        !log.contains("not-checked-pw"),
+        "the password reached the log"
+    );
+
+    // Mid-stream: transactions keep committing while the agent is killed and restarted.
+    const WRITES: i32 = 40;
+    let sqls: Vec<String> = (0..WRITES)
+        .map(|i| {
+            format!(
+                "INSERT INTO appointment VALUES ({}, 1, NULL, 'stream {i}')",
+                100 + i
+            )
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            for sql in &sqls {
+                db.psql(sql);
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        });
+        wait_for_events(&agent, &file, 8 + 5, "some stream events before the kill");
+        agent.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.restart();
+        handle.join().unwrap();
+    });
+    let expected: Vec<i64> = (0..WRITES as i64).map(|i| 100 + i).collect();
+    let all = wait_until_explained(
+        Duration::from_secs(60),
+        "every streamed insert is in the file after the restart",
+        || {
+            let all = events(&file);
+            let seen: HashSet<i64> = all
+                .iter()
+                .filter(|e| e["op"] == "insert" && e["table"] == "appointment")
+                .filter_map(|e| e["key"]["aptnum"].as_i64())
+                .collect();
+            let missing: Vec<&i64> = expected.iter().filter(|k| !seen.contains(k)).collect();
+            if missing.is_empty() {
+                Ok(all)
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        },
+        || format!("agent log tail:\n{}", agent.log_tail(30)),
+    );
+    // Commit order: the first time each insert appears, they appear in the order written.
+    let mut first_seen = Vec::new();
+    for event in &all[8..] {
+        if let Some(key) = event["key"]["aptnum"].as_i64() {
+            if !first_seen.contains(&key) {
+                first_seen.push(key);
+            }
+        }
+    }
+    assert_eq!(first_seen, expected, "stream events out of commit order");
+    let repeats = all[8..].len() - first_seen.len();
+    eprintln!("{repeats} repeated lines after kill -9 (at least once delivery to the file)");
+    // Nothing is delivered twice from the queue: repeats can only be lines written but not
+    // yet recorded as delivered when the agent was killed (one batch at most).
+    assert!(repeats <= WRITES as usize, "{repeats} repeats");
+}

@@ -1,0 +1,77 @@
+//! Change capture out of practice databases, as one JSON change-event schema
+//! ([`ChangeEvent`], documented in `docs/change-events.md`).
+//!
+//! A [`ChangeSource`] yields ordered [`Batch`]es of events; each batch ends at a
+//! transaction boundary and carries a resumable [`Position`]. The caller makes the events
+//! durable (the agent appends them to its queue), stores the position, and only then calls
+//! [`ChangeSource::committed`]; the PostgreSQL source advances its replication slot only
+//! there, so the database keeps whatever the caller has not made durable.
+//!
+//! - `postgres.rs`: logical decoding with the built-in `pgoutput` plugin through the SQL
+//!   functions, initial snapshot, heartbeat.
+//! - `sqlite.rs`: polling on a watermark column, plus a delete check.
+//!
+//! Depends on no other Outpost crate: it knows nothing of the queue, routes or the hub.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod error;
+pub mod event;
+pub mod ident;
+pub mod pgoutput;
+pub mod postgres;
+pub mod sqlite;
+
+use std::path::Path;
+
+pub use config::{Mode, SourceConfig, TableConfig, Target};
+pub use error::{redact_url, SqlError};
+pub use event::{ChangeEvent, Op, Row};
+
+/// Where a source stands, as an opaque string the caller stores and hands back on restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position(pub String);
+
+/// Events up to a transaction boundary, and the position just after them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// In commit order, and in order within each transaction. May be empty: a heartbeat
+    /// that only moves the position on.
+    pub events: Vec<ChangeEvent>,
+    /// Where to resume once these events are durable.
+    pub position: Position,
+}
+
+/// A running change capture.
+#[async_trait::async_trait]
+pub trait ChangeSource: Send {
+    /// Waits for the next batch. Cancel-safe in the sense that dropping the future loses
+    /// nothing durable: the source re-reads from its last committed position.
+    async fn next_batch(&mut self) -> Result<Batch, SqlError>;
+
+    /// The caller has made every event up to `position` durable: the source may let the
+    /// database forget them.
+    async fn committed(&mut self, position: &Position) -> Result<(), SqlError>;
+}
+
+/// Opens the source `name` described by `config`. `base` anchors relative paths (the
+/// config file's folder); `state_dir` is this source's own folder for state files;
+/// `resume` is the last position the caller stored, if any.
+pub async fn open(
+    name: &str,
+    config: &SourceConfig,
+    base: &Path,
+    state_dir: &Path,
+    resume: Option<Position>,
+) -> Result<Box<dyn ChangeSource>, SqlError> {
+    config.validate(base)?;
+    match config.target(base)? {
+        Target::Postgres => Ok(Box::new(
+            postgres::PgSource::open(name, config, resume).await?,
+        )),
+        Target::Sqlite(path) => Ok(Box::new(
+            sqlite::SqlitePoll::open(name, config, &path, state_dir).await?,
+        )),
+    }
+}
