@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 log() { echo "[test.sh] $*" >&2; }
 
 # Real peers the tests start on loopback: Python (python-hl7, hl7apy) in a venv of ours,
-# because Debian's own python3 is "externally managed"; PostgreSQL for the hub store;
-# Chromium for the dashboard; dcmtk and pydicom/pynetdicom for the DICOM gateway.
+# because Debian's own python3 is "externally managed"; PostgreSQL for the hub store and
+# change capture; Chromium for the dashboard; dcmtk, Orthanc and pydicom/pynetdicom for
+# the DICOM gateway; MariaDB and Firebird for change capture.
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -19,6 +20,9 @@ compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && command -v psql >/de
 [ -x /usr/bin/storescp ] && [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc orthanc-dicomweb)
 command -v cc >/dev/null || need_apt+=(gcc)   # peers/bindlo.c keeps dcmtk's listeners on loopback
+# Practice databases for change capture: MariaDB (binlog) and Firebird 3 (triggers).
+[ -x /usr/sbin/mariadbd ] && command -v mariadb >/dev/null || need_apt+=(mariadb-server mariadb-client)
+[ -x /usr/sbin/firebird ] && command -v isql-fb >/dev/null || need_apt+=(firebird3.0-server firebird3.0-utils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

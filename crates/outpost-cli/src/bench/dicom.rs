@@ -19,7 +19,13 @@ const GEN_CT: &str = include_str!("../../../../peers/gen_ct.py");
 const BINDLO: &str = include_str!("../../../../peers/bindlo.c");
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(instances: usize, size: usize, python: &str) -> anyhow::Result<()> {
+pub async fn run(
+    instances: usize,
+    size: usize,
+    associations: usize,
+    python: &str,
+) -> anyhow::Result<()> {
+    let associations = associations.max(1);
     let work = tempfile::tempdir()?;
     let files = work.path().join("files");
     let script = work.path().join("gen_ct.py");
@@ -39,48 +45,166 @@ pub async fn run(instances: usize, size: usize, python: &str) -> anyhow::Result<
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
         .sum();
+    let shares = split_into_shares(&files, &work.path().join("shares"), associations)?;
     let bindlo = build_bindlo(work.path())?;
+    let per_sec = |time: Duration| instances as f64 / time.as_secs_f64().max(1e-6);
+    let mb_per_sec = |time: Duration| total_bytes as f64 / 1e6 / time.as_secs_f64().max(1e-6);
 
-    // The peer: storescp writing each instance to a file.
-    let peer_addr = free_loopback_addr()?;
-    let peer_dir = work.path().join("storescp");
-    std::fs::create_dir_all(&peer_dir)?;
-    let mut peer = Command::new("/usr/bin/storescp")
-        .env("LD_PRELOAD", &bindlo)
+    // Intake alone, as storescp does nothing else: the agent's sink points at a closed
+    // port, so it only backs off while the instances come in.
+    eprintln!("one association: storescp, then the agent…");
+    let peer_one = storescp_run(work.path(), &bindlo, false, std::slice::from_ref(&files)).await?;
+    let agent_one = agent_run(work.path(), "intake-1", None, std::slice::from_ref(&files)).await?;
+    let (peer_many, agent_many) = if associations > 1 {
+        eprintln!("{associations} associations at once: storescp --fork, then the agent…");
+        let peer = storescp_run(work.path(), &bindlo, true, &shares).await?;
+        let agent = agent_run(work.path(), "intake-n", None, &shares).await?;
+        (Some(peer), Some(agent))
+    } else {
+        (None, None)
+    };
+
+    // Forwarding: intake and forwarding overlap, as they do at a practice; the figure runs
+    // from the first instance in to the last one stored in Orthanc.
+    let orthanc = Orthanc::start(work.path(), &bindlo).await.ok();
+    let mut forward = None;
+    let mut direct = None;
+    if let Some(orthanc) = &orthanc {
+        eprintln!("forwarding to Orthanc…");
+        let started = Instant::now();
+        agent_run(
+            work.path(),
+            "forward",
+            Some((orthanc, instances, started)),
+            std::slice::from_ref(&files),
+        )
+        .await?;
+        forward = Some(per_sec(started.elapsed()));
+        // The same files straight from storescu to Orthanc: what Orthanc itself takes.
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], orthanc.dicom_port));
+        direct = Some(per_sec(storescu(addr, "ORTHANC", &files)?));
+    }
+    if let Some(mut orthanc) = orthanc {
+        stop(&mut orthanc.process);
+    }
+
+    let ratio_one = per_sec(agent_one) / per_sec(peer_one);
+    println!(
+        "1 association: storescu -> storescp (plain files) {:.0} instances/s {:.1} MB/s | storescu -> agent (encrypted, durable before success) {:.0} instances/s {:.1} MB/s | ratio {ratio_one:.2}",
+        per_sec(peer_one),
+        mb_per_sec(peer_one),
+        per_sec(agent_one),
+        mb_per_sec(agent_one),
+    );
+    let many = match (peer_many, agent_many) {
+        (Some(peer), Some(agent)) => {
+            let ratio = per_sec(agent) / per_sec(peer);
+            println!(
+                "{associations} associations at once: storescp --fork {:.0} instances/s {:.1} MB/s | agent {:.0} instances/s {:.1} MB/s | ratio {ratio:.2}",
+                per_sec(peer),
+                mb_per_sec(peer),
+                per_sec(agent),
+                mb_per_sec(agent),
+            );
+            format!(
+                " | {associations} assoc: agent {:.0} inst/s, storescp --fork {:.0} inst/s, ratio {ratio:.2}",
+                per_sec(agent),
+                per_sec(peer)
+            )
+        }
+        _ => String::new(),
+    };
+    match (forward, direct) {
+        (Some(rate), Some(direct)) => println!("agent -> Orthanc (C-STORE): {rate:.0} instances/s from the first instance in to the last stored | storescu -> Orthanc: {direct:.0} instances/s"),
+        _ => println!("agent -> Orthanc: skipped (no /usr/sbin/Orthanc)"),
+    }
+    println!(
+        "dicom: {instances} x {:.2} MB | 1 assoc: agent {:.0} inst/s {:.1} MB/s, storescp {:.0} inst/s {:.1} MB/s{many} | forward {} inst/s (storescu to Orthanc {}) | ratio {ratio_one:.2}",
+        total_bytes as f64 / 1e6 / instances.max(1) as f64,
+        per_sec(agent_one),
+        mb_per_sec(agent_one),
+        per_sec(peer_one),
+        mb_per_sec(peer_one),
+        forward.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
+        direct.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
+    );
+    Ok(())
+}
+
+/// Spreads the files over `count` folders (hard links), one per association.
+fn split_into_shares(files: &Path, shares: &Path, count: usize) -> anyhow::Result<Vec<PathBuf>> {
+    let folders: Vec<PathBuf> = (0..count).map(|i| shares.join(i.to_string())).collect();
+    for folder in &folders {
+        std::fs::create_dir_all(folder)?;
+    }
+    let mut names: Vec<_> = std::fs::read_dir(files)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+        .collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        let to = folders[i % count].join(name);
+        if std::fs::hard_link(files.join(name), &to).is_err() {
+            std::fs::copy(files.join(name), &to)?;
+        }
+    }
+    Ok(folders)
+}
+
+/// storescp writing plain files (`--fork`: a process per association); returns the wall
+/// time for storescu to send every folder, one association per folder, all at once.
+async fn storescp_run(
+    dir: &Path,
+    bindlo: &Path,
+    fork: bool,
+    folders: &[PathBuf],
+) -> anyhow::Result<Duration> {
+    let addr = free_loopback_addr()?;
+    let out = dir.join(if fork { "storescp-fork" } else { "storescp" });
+    std::fs::create_dir_all(&out)?;
+    let mut command = Command::new("/usr/bin/storescp");
+    command
+        .env("LD_PRELOAD", bindlo)
         .env("TCP_NODELAY", "1")
         .args(["-aet", "STORESCP", "-od"])
-        .arg(&peer_dir)
-        .args(["-fe", ".dcm"])
-        .arg(peer_addr.port().to_string())
+        .arg(&out)
+        .args(["-fe", ".dcm"]);
+    if fork {
+        command.arg("--fork");
+    }
+    let mut peer = command
+        .arg(addr.port().to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting /usr/bin/storescp (apt install dcmtk)")?;
-    wait_for_port(peer_addr, &mut peer).await?;
-    let peer_time = storescu(peer_addr, "STORESCP", &files)?;
-    stop(&mut peer);
-
-    // The agent: durable and encrypted, forwarding to Orthanc when there is one.
-    let orthanc = Orthanc::start(work.path(), &bindlo).await.ok();
-    let agent_addr = free_loopback_addr()?;
-    let agent_toml = work.path().join("agent.toml");
-    let mut config = format!(
-        "data_dir = \"agent\"\n[[source]]\nname = \"modalities\"\nkind = \"dicom\"\nlisten = \"{agent_addr}\"\nae_title = \"OUTPOST\"\n"
-    );
-    match &orthanc {
-        Some(orthanc) => config.push_str(&format!(
-            "[[sink]]\nname = \"pacs\"\nkind = \"dicom\"\nconnect = \"127.0.0.1:{}\"\nae_title = \"ORTHANC\"\n",
-            orthanc.dicom_port
-        )),
-        None => config.push_str(
-            "[[sink]]\nname = \"pacs\"\nkind = \"dicom\"\nconnect = \"127.0.0.1:9\"\nae_title = \"NONE\"\n",
-        ),
+    let result = async {
+        wait_for_port(addr, &mut peer).await?;
+        storescu_all(addr, "STORESCP", folders)
     }
-    config.push_str("[[route]]\nfrom = \"modalities\"\nto = [\"pacs\"]\n");
+    .await;
+    stop(&mut peer);
+    result
+}
+
+/// An agent with one DICOM source and a sink to Orthanc (or to a closed port); returns the
+/// wall time for storescu to send every folder at once, or with `forward`, the time until
+/// Orthanc holds every instance.
+async fn agent_run(
+    dir: &Path,
+    label: &str,
+    forward: Option<(&Orthanc, usize, Instant)>,
+    folders: &[PathBuf],
+) -> anyhow::Result<Duration> {
+    let addr = free_loopback_addr()?;
+    let home = dir.join(label);
+    std::fs::create_dir_all(&home)?;
+    let sink_port = forward.map_or(9, |(orthanc, _, _)| orthanc.dicom_port);
+    let config = format!(
+        "data_dir = \"agent\"\n[[source]]\nname = \"modalities\"\nkind = \"dicom\"\nlisten = \"{addr}\"\nae_title = \"OUTPOST\"\n[[sink]]\nname = \"pacs\"\nkind = \"dicom\"\nconnect = \"127.0.0.1:{sink_port}\"\nae_title = \"ORTHANC\"\n[[route]]\nfrom = \"modalities\"\nto = [\"pacs\"]\n"
+    );
+    let agent_toml = home.join("agent.toml");
     std::fs::write(&agent_toml, config)?;
-    // Intake and forwarding overlap, as they do at a practice; the forward figure runs from
-    // the first instance in to the last one stored in Orthanc.
-    let log = work.path().join("agent.log");
+    let log = home.join("agent.log");
     let mut agent = Command::new(std::env::current_exe()?)
         .args(["--log", "warn", "agent", "--config"])
         .arg(&agent_toml)
@@ -88,63 +212,43 @@ pub async fn run(instances: usize, size: usize, python: &str) -> anyhow::Result<
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting the agent")?;
-    let started = Instant::now();
     let result = async {
-        wait_for_port(agent_addr, &mut agent).await?;
-        let agent_time = storescu(agent_addr, "OUTPOST", &files)?;
-        let forward_time = match &orthanc {
-            Some(orthanc) => Some(orthanc.wait_for(instances, started).await?),
-            None => None,
-        };
-        Ok::<_, anyhow::Error>((agent_time, forward_time))
+        wait_for_port(addr, &mut agent).await?;
+        let took = storescu_all(addr, "OUTPOST", folders)?;
+        match forward {
+            Some((orthanc, count, since)) => orthanc.wait_for(count, since).await,
+            None => Ok(took),
+        }
     }
     .await;
     stop(&mut agent);
-    let (agent_time, forward_time) =
-        result.with_context(|| format!("agent log: {}", tail(&log)))?;
+    result.with_context(|| format!("agent log: {}", tail(&log)))
+}
 
-    // The same files straight from storescu to Orthanc: what Orthanc itself takes.
-    let orthanc_direct = match &orthanc {
-        Some(orthanc) => Some(storescu(
-            std::net::SocketAddr::from(([127, 0, 0, 1], orthanc.dicom_port)),
-            "ORTHANC",
-            &files,
-        )?),
-        None => None,
-    };
-    let per_sec = |time: Duration| instances as f64 / time.as_secs_f64().max(1e-6);
-    let mb_per_sec = |time: Duration| total_bytes as f64 / 1e6 / time.as_secs_f64().max(1e-6);
-    println!(
-        "storescu -> storescp (plain files): {:.0} instances/s, {:.1} MB/s",
-        per_sec(peer_time),
-        mb_per_sec(peer_time)
-    );
-    println!(
-        "storescu -> agent (encrypted, committed before success): {:.0} instances/s, {:.1} MB/s",
-        per_sec(agent_time),
-        mb_per_sec(agent_time)
-    );
-    let forward = forward_time.map(per_sec);
-    let direct = orthanc_direct.map(per_sec);
-    match (forward, direct) {
-        (Some(rate), Some(direct)) => println!("agent -> Orthanc (C-STORE): {rate:.0} instances/s from the first instance in to the last stored | storescu -> Orthanc: {direct:.0} instances/s"),
-        _ => println!("agent -> Orthanc: skipped (no /usr/sbin/Orthanc)"),
+/// One storescu per folder, all at once; returns the wall time until the last finishes.
+fn storescu_all(
+    addr: std::net::SocketAddr,
+    called: &str,
+    folders: &[PathBuf],
+) -> anyhow::Result<Duration> {
+    if let [one] = folders {
+        return storescu(addr, called, one);
     }
-    let ratio = per_sec(agent_time) / per_sec(peer_time);
-    println!(
-        "dicom: {instances} x {:.2} MB | agent {:.0} inst/s {:.1} MB/s | storescp {:.0} inst/s {:.1} MB/s | forward {} inst/s (storescu to Orthanc {}) | ratio {ratio:.2}",
-        total_bytes as f64 / 1e6 / instances.max(1) as f64,
-        per_sec(agent_time),
-        mb_per_sec(agent_time),
-        per_sec(peer_time),
-        mb_per_sec(peer_time),
-        forward.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
-        direct.map_or_else(|| "n/a".to_owned(), |rate| format!("{rate:.0}")),
-    );
-    if let Some(mut orthanc) = orthanc {
-        stop(&mut orthanc.process);
+    let started = Instant::now();
+    let senders = folders
+        .iter()
+        .map(|folder| {
+            let called = called.to_owned();
+            let folder = folder.clone();
+            std::thread::spawn(move || storescu(addr, &called, &folder))
+        })
+        .collect::<Vec<_>>();
+    for sender in senders {
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("a storescu thread panicked"))??;
     }
-    Ok(())
+    Ok(started.elapsed())
 }
 
 /// Sends every file in `files` with one storescu association; returns the wall time.
