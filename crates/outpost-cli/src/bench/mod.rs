@@ -111,6 +111,9 @@ pub enum BenchTarget {
         /// Rows and columns of each 16-bit image (512: about 0.5 MB per instance).
         #[arg(long, default_value_t = 512)]
         size: usize,
+        /// Associations at once in the second round (storescp runs with --fork there).
+        #[arg(long, default_value_t = 4)]
+        associations: usize,
         /// The Python that has pydicom (to make the instances).
         #[arg(long, default_value = "python3")]
         python: String,
@@ -147,8 +150,9 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
         BenchTarget::Dicom {
             instances,
             size,
+            associations,
             python,
-        } => dicom::run(instances, size, &python).await,
+        } => dicom::run(instances, size, associations, &python).await,
     }
 }
 
