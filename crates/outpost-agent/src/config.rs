@@ -9,7 +9,7 @@ use outpost_core::ConnectorName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::connectors::{dicom, hub, jsonl, mllp, sql, SinkKind, SourceKind};
+use crate::connectors::{dicom, hub, jsonl, mllp, sql, sqlsink, SinkKind, SourceKind};
 use crate::ConfigError;
 
 /// A loaded, checked agent config.
@@ -149,7 +149,7 @@ fn default_shutdown_grace_secs() -> u64 {
 /// The source kinds this version knows, for error messages.
 const SOURCE_KINDS: &str = "\"mllp\", \"dicom\", \"sql\"";
 /// The sink kinds this version knows, for error messages.
-const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\", \"stow\", \"jsonl\"";
+const SINK_KINDS: &str = "\"mllp\", \"hub\", \"dicom\", \"stow\", \"jsonl\", \"sql\"";
 
 impl AgentConfig {
     /// Reads and checks the config file.
@@ -225,6 +225,18 @@ impl AgentConfig {
                         deserialize_at::<jsonl::SinkConfig>(rest, &at).map_err(&invalid)?;
                     config.path = anchored(config.path);
                     SinkKind::Jsonl(config)
+                }
+                "sql" => {
+                    let mut config =
+                        deserialize_at::<sqlsink::SinkConfig>(rest, &at).map_err(&invalid)?;
+                    config.password_file = config.password_file.map(&anchored);
+                    // The message names the key inside the table (`url`, `operations.x`…).
+                    config.validate(base).map_err(|err| {
+                        let text = err.to_string();
+                        let (key, message) = text.split_once(": ").unwrap_or(("url", &text));
+                        invalid(format!("key `{at}.{key}`: {message}"))
+                    })?;
+                    SinkKind::Sql(Box::new(config))
                 }
                 other => return Err(invalid(unknown_kind(&at, other, SINK_KINDS))),
             };
@@ -349,8 +361,12 @@ impl AgentConfig {
                 let Some(sink) = self.sinks.iter().find(|s| &s.name == to) else {
                     return Err(format!("key `route[{index}].to[{to_index}]`: expected the name of a [[sink]], found \"{to}\""));
                 };
+                if matches!(sink.kind, SinkKind::Sql(_)) {
+                    return Err(format!("key `route[{index}].to[{to_index}]`: sink \"{to}\" is of kind \"sql\", which runs operations called through the hub's API, not routed items; remove it from the route"));
+                }
                 let compatible = match sink.kind {
                     SinkKind::Hub(_) | SinkKind::Jsonl(_) => true,
+                    SinkKind::Sql(_) => false,
                     SinkKind::Dicom(_) | SinkKind::Stow(_) => source_is_dicom,
                     SinkKind::Mllp(_) => !source_is_dicom && !source_is_sql,
                 };
@@ -419,13 +435,14 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Whether the agent connects to a hub.
+    /// Whether the agent connects to a hub (a hub sink, or a SQL sink, whose calls come
+    /// from the hub, implies one).
     pub fn uses_hub(&self) -> bool {
         self.hub.is_some()
             || self
                 .sinks
                 .iter()
-                .any(|s| matches!(s.kind, SinkKind::Hub(_)))
+                .any(|s| matches!(s.kind, SinkKind::Hub(_) | SinkKind::Sql(_)))
     }
 
     /// The sinks an item from `source` of HL7 type `msh9` goes to, each once, in config order.

@@ -48,6 +48,9 @@ pub struct ConnectorStatus {
     pub items: u64,
     /// Items refused (sources) or failed attempts (sinks) since start.
     pub failures: u64,
+    /// What the connector kind alone can say, on one line (SQL sources: lag, WAL bytes
+    /// behind, last event time, snapshot progress); never patient data.
+    pub detail: Option<String>,
 }
 
 /// Shared status of every connector; cheap to clone.
@@ -69,6 +72,7 @@ impl Health {
                     last_error: None,
                     items: 0,
                     failures: 0,
+                    detail: None,
                 },
             );
         }
@@ -90,6 +94,11 @@ impl Health {
             s.failures += 1;
             s.last_error = Some(error.to_owned());
         });
+    }
+
+    /// Replaces a connector's one-line detail.
+    pub fn set_detail(&self, name: &ConnectorName, detail: Option<String>) {
+        self.update(name, |s| s.detail = detail);
     }
 
     /// A copy of every connector's status.

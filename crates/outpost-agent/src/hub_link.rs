@@ -29,6 +29,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<UplinkHandle, AgentError> {
     let health = cx.health.clone();
+    let sql_health = cx.health.clone();
     let credentials = match Credentials::load(&config.data_dir) {
         Ok(credentials) => credentials,
         Err(outpost_uplink::UplinkError::NotEnrolled { .. })
@@ -70,6 +71,12 @@ pub async fn start(
         mirror_rx,
         shutdown.clone(),
     ));
+    let sql_calls = crate::connectors::sqlsink::start_calls(
+        config.clone(),
+        uplink.clone(),
+        sql_health,
+        shutdown.clone(),
+    );
     let (downs, requests) = mpsc::channel(64);
     tokio::spawn(take_downs(
         config,
@@ -78,21 +85,33 @@ pub async fn start(
         requests,
         shutdown,
     ));
-    tokio::spawn(route_inbound(
+    tokio::spawn(route(
         inbound_rx,
         downs,
         runner.messages,
         mirror_events,
+        Some(sql_calls),
     ));
     Ok(uplink)
 }
 
-/// Hands each message from the hub to the part of the agent that deals with it.
+/// Hands each message from the hub to the part of the agent that deals with it (an agent
+/// without SQL sinks: write-back calls are dropped, and the hub times them out).
 pub async fn route_inbound(
+    inbound: mpsc::Receiver<Inbound>,
+    downs: mpsc::Sender<DownRequest>,
+    jobs: mpsc::Sender<RunnerMessage>,
+    mirror: mpsc::Sender<MirrorEvent>,
+) {
+    route(inbound, downs, jobs, mirror, None).await
+}
+
+async fn route(
     mut inbound: mpsc::Receiver<Inbound>,
     downs: mpsc::Sender<DownRequest>,
     jobs: mpsc::Sender<RunnerMessage>,
     mirror: mpsc::Sender<MirrorEvent>,
+    sql_calls: Option<mpsc::Sender<outpost_proto::SqlCall>>,
 ) {
     while let Some(message) = inbound.recv().await {
         let delivered = match message {
@@ -109,6 +128,13 @@ pub async fn route_inbound(
                 .send(MirrorEvent::Wanted { after_seq, session })
                 .await
                 .is_ok(),
+            Inbound::SqlCall(call) => match &sql_calls {
+                Some(sql_calls) => sql_calls.send(call).await.is_ok(),
+                None => {
+                    tracing::warn!(call_id = %call.call_id, "write-back call on an agent that takes none; dropped");
+                    true
+                }
+            },
             Inbound::SessionEnded { session } => mirror
                 .send(MirrorEvent::SessionEnded { session })
                 .await
@@ -235,6 +261,16 @@ async fn take_down(
                 None,
                 Some(format!(
                     "sink {:?} takes DICOM instances, not HL7 messages",
+                    request.sink
+                )),
+            ))
+        }
+        Some(sink) if matches!(sink.kind, SinkKind::Sql(_)) => {
+            return Ok((
+                "refused",
+                None,
+                Some(format!(
+                    "sink {:?} runs SQL operations (POST /api/v1/agents/{{id}}/sql/...), not HL7 messages",
                     request.sink
                 )),
             ))

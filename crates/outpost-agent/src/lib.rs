@@ -290,6 +290,7 @@ async fn run_sink(kind: SinkKind, cx: SinkContext) -> Result<(), ConnectorError>
         SinkKind::Dicom(config) => connectors::dicom::run_sink(config, cx).await,
         SinkKind::Stow(config) => connectors::dicom::run_stow_sink(config, cx).await,
         SinkKind::Jsonl(config) => connectors::jsonl::run_sink(config, cx).await,
+        SinkKind::Sql(config) => connectors::sqlsink::run_sink(*config, cx).await,
     }
 }
 

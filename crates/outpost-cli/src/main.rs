@@ -14,6 +14,8 @@ mod inspect;
 mod job;
 mod samples;
 mod signals;
+mod sql_cmd;
+mod sql_triggers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +103,14 @@ enum Command {
         #[command(subcommand)]
         action: audit::AuditAction,
     },
+    /// Database sync: least-privilege grants, a check of them, snapshot progress and lag.
+    Sql {
+        /// The agent's TOML config (its `kind = "sql"` sources and sinks).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: sql_triggers::SqlCommand,
+    },
     /// End-to-end benchmarks that print figures beside a reference peer.
     Bench {
         #[command(subcommand)]
@@ -159,6 +169,7 @@ async fn dispatch(command: Command, logs: LogBuffer) -> anyhow::Result<()> {
         Command::Approvals { config, action } => {
             approvals::run(&load_config(&required(config)?)?, action)
         }
+        Command::Sql { config, action } => sql_triggers::run(&required(config)?, action).await,
         Command::Bench { target } => bench::run(target).await,
     }
 }

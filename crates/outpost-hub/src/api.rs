@@ -35,6 +35,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/api/v1/messages/{cursor}/content", get(message_content))
         .route("/api/v1/openapi.json", get(openapi))
         .merge(crate::api_jobs::routes())
+        .merge(crate::api_sql::routes())
         .merge(crate::dashboard::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -602,16 +603,19 @@ async fn get_down(
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Outpost hub API", description = "Fleet health, the message stream from agents, messages down to agents, and remote support jobs (staff tokens)."),
+    info(title = "Outpost hub API", description = "Fleet health, the message stream from agents, messages down to agents, write-back calls to agents' SQL sinks, and remote support jobs (staff tokens)."),
     paths(enroll, list_agents, get_agent, list_messages, message_content, post_down, get_down,
         crate::api_jobs::submit, crate::api_jobs::get_rollout, crate::api_jobs::get_job,
         crate::api_jobs::job_output, crate::api_jobs::cancel_job, crate::api_jobs::agent_jobs,
-        crate::api_jobs::agent_audit, crate::api_jobs::access_log, crate::api_jobs::whoami),
+        crate::api_jobs::agent_audit, crate::api_jobs::access_log, crate::api_jobs::whoami,
+        crate::api_sql::sql_call),
     components(schemas(AgentView, AgentRecord, StoredMessage, MessagesPage, DownRequest, DownMessage,
         crate::api_jobs::SubmitRequest, crate::api_jobs::RolloutView, crate::api_jobs::OutputPage,
         crate::api_jobs::AuditTrail, crate::store::JobRecord, crate::store::RolloutRecord,
         crate::store::JobChunk, crate::store::MirrorState, crate::store::MirroredLine,
-        crate::store::AccessRecord, crate::store::StaffRecord)),
+        crate::store::AccessRecord, crate::store::StaffRecord,
+        crate::api_sql::SqlCallRequest, crate::api_sql::SqlCallResponse,
+        crate::api_sql::SqlErrorBody, crate::api_sql::SqlDatabaseError)),
     modifiers(&ApiKeyScheme)
 )]
 struct ApiDoc;

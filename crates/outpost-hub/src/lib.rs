@@ -5,6 +5,7 @@
 
 mod api;
 mod api_jobs;
+pub mod api_sql;
 mod audit_mirror;
 pub mod config;
 mod dashboard;
@@ -44,6 +45,8 @@ pub struct HubState {
     pub job_key: ed25519_dalek::SigningKey,
     /// Job dispatch and agents' job reports.
     pub jobs: jobs::Jobs,
+    /// Write-back calls waiting for their agent's answer.
+    pub sql_calls: api_sql::SqlCalls,
 }
 
 /// The latest heartbeat of each agent since the last flush. Writing each heartbeat on
@@ -237,6 +240,7 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> Result<Run
         heartbeats: Heartbeats::default(),
         job_key,
         jobs: jobs::Jobs::default(),
+        sql_calls: api_sql::SqlCalls::default(),
     });
     tokio::spawn(flush_heartbeats(state.clone(), shutdown.child_token()));
     tokio::spawn(jobs::dispatch(state.clone(), shutdown.child_token()));

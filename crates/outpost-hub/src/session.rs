@@ -368,6 +368,9 @@ async fn handle(
                 audit.receive(state, lines).await?;
             }
         }
+        AgentToHub::SqlResult { call_id, outcome } => {
+            state.sql_calls.complete(&agent.id, &call_id, outcome);
+        }
         AgentToHub::Hello { .. } => {
             tracing::warn!(agent_id = %agent.id, "agent sent a second hello; ignored");
         }

@@ -93,6 +93,9 @@ pub enum HubToAgent {
         /// Bytes held.
         offset: u64,
     },
+    /// Run one of a SQL sink's configured operations (write-back). Carries an operation
+    /// name and values only, never SQL text; the agent answers [`AgentToHub::SqlResult`].
+    SqlCall(SqlCall),
 }
 
 /// Agent to hub.
@@ -165,6 +168,87 @@ pub enum AgentToHub {
         offset: u64,
         /// The bytes (at most [`MAX_BLOB_PART`]).
         data: Payload,
+    },
+    /// What became of a [`HubToAgent::SqlCall`].
+    SqlResult {
+        /// From the call.
+        call_id: String,
+        /// The outcome.
+        outcome: SqlOutcome,
+    },
+}
+
+/// A write-back call: a SQL sink's operation, by name, with values that the agent binds
+/// as parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SqlCall {
+    /// The hub's id for this call, echoed in [`AgentToHub::SqlResult`].
+    pub call_id: String,
+    /// The agent's `kind = "sql"` sink.
+    pub sink: String,
+    /// One of the sink's configured operations.
+    pub operation: String,
+    /// Placeholder name → value (number, string, boolean or null).
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// The caller's key: a call repeated with the same key writes once.
+    pub idempotency_key: String,
+}
+
+/// What became of a write-back call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SqlOutcome {
+    /// The statement ran and committed.
+    Done {
+        /// Rows inserted, updated or deleted.
+        rows_affected: u64,
+        /// Rows the statement returned (`RETURNING`), column → value.
+        returned: Vec<serde_json::Map<String, serde_json::Value>>,
+        /// The stored result of an earlier call with the same key; nothing was written now.
+        #[serde(default)]
+        replayed: bool,
+    },
+    /// The database refused the statement (constraint, type…); nothing was written.
+    DatabaseError {
+        /// SQLSTATE (PostgreSQL) or the result code's name (SQLite).
+        code: String,
+        /// The database's message.
+        message: String,
+        /// The stored result of an earlier call with the same key.
+        #[serde(default)]
+        replayed: bool,
+    },
+    /// The agent has no SQL sink of that name.
+    UnknownSink {
+        /// Why, naming the sinks it has.
+        message: String,
+    },
+    /// The sink has no operation of that name.
+    UnknownOperation {
+        /// Why, naming the operations it has.
+        message: String,
+        /// The operations the sink's config defines.
+        known: Vec<String>,
+    },
+    /// The values do not fit the statement; nothing ran.
+    InvalidValues {
+        /// What is missing, unknown or of the wrong type.
+        message: String,
+    },
+    /// The idempotency key was used before with another operation or other values.
+    KeyReused {
+        /// Why.
+        message: String,
+    },
+    /// An earlier attempt with this key may have written; it is not run again.
+    OutcomeUnknown {
+        /// What is known.
+        message: String,
+    },
+    /// The database could not be reached; nothing was written; retry with the same key.
+    Unavailable {
+        /// Why.
+        message: String,
     },
 }
 
@@ -400,6 +484,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("base64"));
+    }
+
+    #[test]
+    fn sql_calls_and_results_round_trip() {
+        let mut values = serde_json::Map::new();
+        values.insert("note".into(), "O'Brien; --".into());
+        values.insert("patnum".into(), 7.into());
+        let call = HubToAgent::SqlCall(SqlCall {
+            call_id: "sql_1".into(),
+            sink: "pms-write".into(),
+            operation: "create_appointment".into(),
+            values,
+            idempotency_key: "k1".into(),
+        });
+        let text = encode(&call);
+        assert!(text.contains("\"type\":\"sql_call\""), "{text}");
+        assert_eq!(decode::<HubToAgent>(&text).unwrap(), call);
+        let result = AgentToHub::SqlResult {
+            call_id: "sql_1".into(),
+            outcome: SqlOutcome::DatabaseError {
+                code: "23505".into(),
+                message: "duplicate key".into(),
+                replayed: false,
+            },
+        };
+        let text = encode(&result);
+        assert!(text.contains("\"status\":\"database_error\""), "{text}");
+        assert_eq!(decode::<AgentToHub>(&text).unwrap(), result);
     }
 
     #[test]

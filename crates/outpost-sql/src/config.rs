@@ -100,6 +100,12 @@ pub enum Target {
     Postgres,
     /// `sqlite:PATH`.
     Sqlite(PathBuf),
+    /// `mysql://` or `mariadb://` (binlog change capture).
+    MySql,
+    /// `firebird://user:password@host:port//path/db.fdb` (trigger capture).
+    Firebird,
+    /// `sqlserver://` or `mssql://` (change tracking).
+    SqlServer,
 }
 
 fn default_interval() -> Duration {
@@ -153,6 +159,12 @@ impl SourceConfig {
     pub fn target(&self, base: &Path) -> Result<Target, SqlError> {
         if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
             Ok(Target::Postgres)
+        } else if self.url.starts_with("mysql://") || self.url.starts_with("mariadb://") {
+            Ok(Target::MySql)
+        } else if self.url.starts_with("firebird://") {
+            Ok(Target::Firebird)
+        } else if self.url.starts_with("sqlserver://") || self.url.starts_with("mssql://") {
+            Ok(Target::SqlServer)
         } else if let Some(path) = self.url.strip_prefix("sqlite:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             let path = PathBuf::from(path);
@@ -164,7 +176,7 @@ impl SourceConfig {
         } else {
             let scheme = self.url.split(':').next().unwrap_or_default();
             Err(SqlError::Config(format!(
-                "url: expected postgres://… or sqlite:PATH, found a {scheme:?} URL (mysql, firebird and sqlserver are not supported yet)"
+                "url: expected postgres://…, mysql://… (or mariadb://…), firebird://…, sqlserver://… or sqlite:PATH, found a {scheme:?} URL"
             )))
         }
     }
@@ -202,6 +214,18 @@ impl SourceConfig {
             (Target::Sqlite(_), Mode::Cdc) => Err(SqlError::Config(
                 "mode: SQLite has no change log; use mode = \"poll\" with a watermark column".into(),
             )),
+            (Target::MySql, Mode::Poll) => Err(SqlError::Config(
+                "mode: for MariaDB/MySQL use mode = \"cdc\" (the binlog); \"poll\" is for SQLite".into(),
+            )),
+            (Target::SqlServer, Mode::Poll) => Err(SqlError::Config(
+                "mode: for SQL Server use mode = \"cdc\" (change tracking)".into(),
+            )),
+            (Target::Firebird, _) if self.tables.iter().any(|t| t.name.contains('.')) => {
+                Err(SqlError::Config(
+                    "tables: Firebird has no schemas; name tables without a \"schema.\" prefix"
+                        .into(),
+                ))
+            }
             (Target::Postgres, Mode::Poll) => Err(SqlError::Config(
                 "mode: for PostgreSQL use mode = \"cdc\" (logical decoding); \"poll\" is for SQLite".into(),
             )),
@@ -308,11 +332,11 @@ mod tests {
         let err = config.validate(Path::new(".")).unwrap_err().to_string();
         assert!(err.contains("poll"), "{err}");
         let config = parse(
-            r#"url = "mysql://u:pw@h/db"
+            r#"url = "oracle://u:pw@h/db"
             tables = [ { name = "patient", key = ["patnum"] } ]"#,
         );
         let err = config.validate(Path::new(".")).unwrap_err().to_string();
-        assert!(err.contains("mysql") && !err.contains("pw"), "{err}");
+        assert!(err.contains("oracle") && !err.contains("pw"), "{err}");
     }
 
     #[cfg(unix)]

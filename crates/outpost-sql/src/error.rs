@@ -47,6 +47,10 @@ pub enum SqlError {
     /// The logical decoding stream had something this decoder cannot read.
     #[error("pgoutput: {0}")]
     Decode(String),
+    /// The MariaDB/MySQL binlog stream had something this reader cannot use, or the server
+    /// is not set up for change capture.
+    #[error("binlog: {0}")]
+    Binlog(String),
     /// A stored position cannot be read back.
     #[error("stored position is not valid: {0}")]
     Position(String),

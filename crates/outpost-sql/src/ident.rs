@@ -1,7 +1,8 @@
 //! SQL identifiers from the config (table and column names) are always quoted, never
 //! spliced raw; values are always bound parameters.
 
-/// `pat"ient` → `"pat""ient"` (PostgreSQL and SQLite alike).
+/// `pat"ient` → `"pat""ient"` (PostgreSQL, SQLite and Firebird dialect 3 alike; Firebird
+/// names are resolved against the catalog first, see `firebird/ddl.rs`).
 pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
@@ -20,6 +21,16 @@ pub fn quote_qualified(name: &str) -> String {
         (Some(schema), table) => format!("{}.{}", quote(schema), quote(table)),
         (None, table) => quote(table),
     }
+}
+
+/// `` pat`ient `` → `` `pat``ient` `` (MySQL and MariaDB).
+pub fn quote_mysql(ident: &str) -> String {
+    format!("`{}`", ident.replace('`', "``"))
+}
+
+/// `pat]ient` → `[pat]]ient]` (SQL Server).
+pub fn quote_mssql(ident: &str) -> String {
+    format!("[{}]", ident.replace(']', "]]"))
 }
 
 /// Makes a PostgreSQL name out of a connector name: `outpost_` and the name in lower
@@ -53,5 +64,7 @@ mod tests {
         );
         assert_eq!(quote_qualified("pms.patient"), "\"pms\".\"patient\"");
         assert_eq!(pg_object_name("PMS-main.1"), "outpost_pms_main_1");
+        assert_eq!(quote_mysql("a`b"), "`a``b`");
+        assert_eq!(quote_mssql("a]b"), "[a]]b]");
     }
 }

@@ -10,18 +10,26 @@
 //! - `postgres.rs`: logical decoding with the built-in `pgoutput` plugin through the SQL
 //!   functions, initial snapshot, heartbeat.
 //! - `sqlite.rs`: polling on a watermark column, plus a delete check.
+//! - `mysql.rs`: MariaDB/MySQL binlog (row format) read as a replica, after a consistent
+//!   snapshot at the binlog position it saw.
 //!
 //! Depends on no other Outpost crate: it knows nothing of the queue, routes or the hub.
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 mod error;
 pub mod event;
+pub mod firebird;
+pub mod grants;
 pub mod ident;
+pub mod mssql;
+pub mod mysql;
 pub mod pgoutput;
 pub mod postgres;
 pub mod sqlite;
+pub mod writeback;
 
 use std::path::Path;
 
@@ -53,6 +61,25 @@ pub trait ChangeSource: Send {
     /// The caller has made every event up to `position` durable: the source may let the
     /// database forget them.
     async fn committed(&mut self, position: &Position) -> Result<(), SqlError>;
+
+    /// How far behind the database the source is, where the database can tell (for health
+    /// reports). Called between batches; the default knows nothing.
+    async fn progress(&mut self) -> Result<Progress, SqlError> {
+        Ok(Progress::default())
+    }
+}
+
+/// What a source can say about its lag beyond the events themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// PostgreSQL: WAL bytes between the server's current position and the slot's
+    /// confirmed one (`pg_wal_lsn_diff`).
+    pub bytes_behind: Option<u64>,
+    /// While a snapshot runs: each table (as configured) and its estimated rows
+    /// (`pg_class.reltuples`, or a count).
+    pub snapshot_estimates: Vec<(String, u64)>,
+    /// Whether the initial snapshot is still running.
+    pub snapshotting: bool,
 }
 
 /// Opens the source `name` described by `config`. `base` anchors relative paths (the
@@ -70,8 +97,15 @@ pub async fn open(
         Target::Postgres => Ok(Box::new(
             postgres::PgSource::open(name, config, resume).await?,
         )),
+        Target::MySql => Ok(Box::new(mysql::MySqlSource::open(name, config, resume).await?)),
         Target::Sqlite(path) => Ok(Box::new(
             sqlite::SqlitePoll::open(name, config, &path, state_dir).await?,
+        )),
+        Target::Firebird => Ok(Box::new(
+            firebird::FbSource::open(name, config, resume).await?,
+        )),
+        Target::SqlServer => Ok(Box::new(
+            mssql::MsSource::open(name, config, resume).await?,
         )),
     }
 }

@@ -499,6 +499,9 @@ impl PgSource {
                         .tables
                         .iter()
                         .position(|t| t.schema == namespace && t.name == name);
+                    if let Some(spec) = table.and_then(|i| self.tables.get(i)) {
+                        self.check_columns(spec, self.relations.get(&oid), &columns)?;
+                    }
                     self.relations.insert(oid, Relation { table, columns });
                 }
                 Message::Insert { oid, new } => {
@@ -540,6 +543,44 @@ impl PgSource {
             }
         }
         Ok((events, last_commit))
+    }
+
+    /// A captured column missing from the stream's description of its table was dropped
+    /// (or renamed) while the agent ran: said once per change of the description. Events go
+    /// on with the remaining columns; a key column gone is an error (rows could no longer
+    /// be told apart), and the source stops with it until the config is fixed.
+    fn check_columns(
+        &self,
+        spec: &PgTable,
+        previous: Option<&Relation>,
+        columns: &[pgoutput::Column],
+    ) -> Result<(), SqlError> {
+        let missing = |columns: &[pgoutput::Column]| -> Vec<String> {
+            spec.columns
+                .iter()
+                .map(|(c, _, _)| c)
+                .filter(|c| !columns.iter().any(|col| &col.name == *c))
+                .cloned()
+                .collect()
+        };
+        let now = missing(columns);
+        if now.is_empty() || previous.is_some_and(|p| missing(&p.columns) == now) {
+            return Ok(());
+        }
+        if let Some(key) = now.iter().find(|c| spec.key.contains(c)) {
+            return Err(SqlError::Table {
+                table: spec.config_name.clone(),
+                message: format!(
+                    "key column {key:?} was dropped or renamed; fix the table's `key` in the config"
+                ),
+            });
+        }
+        tracing::warn!(
+            table = %spec.config_name,
+            columns = ?now,
+            "captured columns were dropped or renamed: events go on without them"
+        );
+        Ok(())
     }
 
     fn captured(&self, oid: u32) -> Option<&PgTable> {
@@ -645,6 +686,46 @@ impl ChangeSource for PgSource {
             self.advance(lsn).await?;
         }
         Ok(())
+    }
+
+    /// WAL bytes the slot's confirmed position is behind the server's, and during the
+    /// snapshot each table's estimated rows (`reltuples`, or the statistics' live-row count
+    /// for a table never analysed).
+    async fn progress(&mut self) -> Result<crate::Progress, SqlError> {
+        let behind: Option<i64> = self
+            .client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|err| SqlError::pg("read the slot's lag", err))?
+            .and_then(|row| row.get(0));
+        let snapshotting = matches!(self.phase, Phase::Snapshot { .. });
+        let mut snapshot_estimates = Vec::new();
+        if snapshotting {
+            for table in &self.tables {
+                let row = self
+                    .client
+                    .query_opt(
+                        "SELECT GREATEST(c.reltuples::bigint, COALESCE(s.n_live_tup, 0)) \
+                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
+                         WHERE n.nspname = $1 AND c.relname = $2",
+                        &[&table.schema, &table.name],
+                    )
+                    .await
+                    .map_err(|err| SqlError::pg("estimate table rows", err))?;
+                let rows: i64 = row.map(|r| r.get(0)).unwrap_or(0);
+                snapshot_estimates.push((table.config_name.clone(), rows.max(0) as u64));
+            }
+        }
+        Ok(crate::Progress {
+            bytes_behind: behind.map(|b| b.max(0) as u64),
+            snapshot_estimates,
+            snapshotting,
+        })
     }
 }
 
@@ -865,8 +946,15 @@ async fn read_chunk(
         .map(|(c, _, _)| format!("{}::text", quote(c)))
         .chain(table.key.iter().map(|k| format!("{}::text", quote(k))))
         .collect();
-    let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
-    let mut sql = format!("SELECT {} FROM {}", select.join(", "), table.quoted());
+    // Qualified with the table's alias: a bare `ORDER BY "id"` would sort by the output
+    // column `"id"::text` (output names win in ORDER BY), i.e. as text, and the chunks
+    // (`WHERE key > last`, compared as the key's own type) would skip rows.
+    let keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| format!("t.{}", quote(k)))
+        .collect();
+    let mut sql = format!("SELECT {} FROM {} AS t", select.join(", "), table.quoted());
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     if let Some(after) = after {
         let casts: Vec<String> = table

@@ -21,8 +21,10 @@
 mod agent;
 mod browser;
 pub mod dicom;
+pub mod firebird;
 mod hl7apy;
 mod hub;
+pub mod mariadb;
 mod mllp;
 mod postgres;
 mod process;

@@ -119,6 +119,8 @@ pub enum Inbound {
         /// The session that asked.
         session: u64,
     },
+    /// Run a SQL sink's operation (write-back); answer with [`AgentToHub::SqlResult`].
+    SqlCall(outpost_proto::SqlCall),
     /// A session ended (whatever was being sent on it must be sent again).
     SessionEnded {
         /// The session number from [`LinkState::Up`].

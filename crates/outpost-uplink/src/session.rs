@@ -316,6 +316,9 @@ impl Link {
             HubToAgent::CancelJob { dispatch_id } => {
                 self.pass_on(Inbound::CancelJob { dispatch_id }).await?;
             }
+            HubToAgent::SqlCall(call) => {
+                self.pass_on(Inbound::SqlCall(call)).await?;
+            }
             HubToAgent::BlobHave { item_id, offset } => {
                 // Nobody listening is fine: no upload is waiting for this answer.
                 let _ = self.blob_have.send((item_id, offset));
@@ -383,6 +386,7 @@ fn kind_of(message: &HubToAgent) -> &'static str {
         HubToAgent::CancelJob { .. } => "cancel_job",
         HubToAgent::AuditWanted { .. } => "audit_wanted",
         HubToAgent::BlobHave { .. } => "blob_have",
+        HubToAgent::SqlCall(_) => "sql_call",
     }
 }
 

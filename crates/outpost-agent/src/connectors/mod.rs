@@ -7,6 +7,7 @@ pub mod hub;
 pub mod jsonl;
 pub mod mllp;
 pub mod sql;
+pub mod sqlsink;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum SinkKind {
     Stow(dicom::StowSinkConfig),
     /// A file of JSON lines.
     Jsonl(jsonl::SinkConfig),
+    /// Write-back into a database, called by the hub by operation name (boxed: large).
+    Sql(Box<sqlsink::SinkConfig>),
 }
 
 impl SourceKind {
@@ -82,6 +85,7 @@ impl SinkKind {
             Self::Dicom(_) => "dicom",
             Self::Stow(_) => "stow",
             Self::Jsonl(_) => "jsonl",
+            Self::Sql(_) => "sql",
         }
     }
 
@@ -89,7 +93,7 @@ impl SinkKind {
     pub fn returns_acks(&self) -> bool {
         match self {
             Self::Mllp(_) => true,
-            Self::Hub(_) | Self::Dicom(_) | Self::Stow(_) | Self::Jsonl(_) => false,
+            Self::Hub(_) | Self::Dicom(_) | Self::Stow(_) | Self::Jsonl(_) | Self::Sql(_) => false,
         }
     }
 }

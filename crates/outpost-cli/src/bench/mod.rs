@@ -21,6 +21,7 @@ use crate::samples;
 /// The reference peer, copied from the verified recipe in `peers/`.
 const PYTHON_PEER: &str = include_str!("../../../../peers/pyhl7_mllp_server.py");
 
+mod cdc;
 mod dicom;
 mod fleet;
 mod jobs;
@@ -118,6 +119,19 @@ pub enum BenchTarget {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Database sync: PostgreSQL changes at a steady rate, latency from commit to the
+    /// agent's queue, and the snapshot's rows/s beside `COPY … TO STDOUT`.
+    Cdc {
+        /// Changes (single-row transactions) per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// How long to write.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Rows of the snapshot table.
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+    },
     /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
     /// the data API.
     Uplink {
@@ -147,6 +161,11 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             heartbeat_secs,
         } => fleet::run(agents, heartbeat_secs).await,
         BenchTarget::Jobs { agents } => jobs::run(agents).await,
+        BenchTarget::Cdc {
+            rate,
+            seconds,
+            rows,
+        } => cdc::run(rate, seconds, rows).await,
         BenchTarget::Dicom {
             instances,
             size,

@@ -9,6 +9,7 @@
 //! stable id (`external_ref = sql:<source>:<commit LSN>:<n>`), so the first batches after
 //! a start skip events the queue already holds.
 
+mod progress;
 mod source;
 
 pub use outpost_sql::SourceConfig;

@@ -43,6 +43,7 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
     cx.health.set_state(&cx.name, ConnectorState::Running);
     // Until a batch holds nothing the queue already has, look each event up first.
     let mut checking = true;
+    let mut tracker = super::progress::Tracker::default();
     loop {
         let batch = tokio::select! {
             _ = cx.shutdown.cancelled() => break,
@@ -84,6 +85,21 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
             .committed(&batch.position)
             .await
             .map_err(unavailable)?;
+        tracker.observe(&batch.events);
+        if tracker.probe_due() {
+            match source.progress().await {
+                Ok(progress) => tracker.update(progress),
+                Err(err) => {
+                    tracker.probe_failed();
+                    tracing::debug!(error = %err, "could not read the source's lag");
+                }
+            }
+            let line = tracker.line();
+            if tracker.snapshotting() {
+                tracing::info!(progress = %line, "snapshot running");
+            }
+            cx.health.set_detail(&cx.name, Some(line));
+        }
     }
     cx.health.set_state(&cx.name, ConnectorState::Stopped);
     Ok(())

@@ -1,0 +1,371 @@
+//! `outpost bench cdc`: PostgreSQL 15 (the project's own `peers/start-postgres.sh`, on
+//! loopback, in a temporary folder) captured by a real agent in a child process (`kind =
+//! "sql"` source, jsonl sink).
+//!
+//! - Snapshot: an N-row table read by the agent's snapshot, from the first row committed to
+//!   the agent's queue to the last (`received_at` of the queue's items), beside `COPY … TO
+//!   STDOUT` of the same table on one connection as the reference.
+//! - Stream: one writer commits single-row inserts at a steady rate for a bounded time;
+//!   each commit's wall-clock time is recorded as the commit returns. The queue's items are
+//!   in commit order, so the i-th stream item is the i-th insert: latency is its
+//!   `received_at` (the queue's commit, in milliseconds) minus the commit time.
+//!
+//! The peer recipe runs PostgreSQL with `fsync = off`, so the database's commits are cheap;
+//! the agent's queue fsyncs as always.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{free_loopback_addr, stop, tail};
+
+const START_POSTGRES: &str = include_str!("../../../../peers/start-postgres.sh");
+const STOP_PEER: &str = include_str!("../../../../peers/stop-peer.sh");
+const COMMON: &str = include_str!("../../../../peers/common.sh");
+
+/// The source's name in the agent config (and in the queue's `source` column).
+const SOURCE: &str = "bench";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// PostgreSQL started by the peer recipe under `dir`, stopped on drop.
+struct Postgres {
+    peers: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn start(work: &Path) -> anyhow::Result<Postgres> {
+        let peers = work.join("peers");
+        std::fs::create_dir_all(&peers)?;
+        for (name, text) in [
+            ("start-postgres.sh", START_POSTGRES),
+            ("stop-peer.sh", STOP_PEER),
+            ("common.sh", COMMON),
+        ] {
+            std::fs::write(peers.join(name), text)?;
+        }
+        let data = work.join("pgdata");
+        std::fs::create_dir_all(&data)?;
+        // The server runs as the `postgres` user: it must be able to reach its folder.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [work, data.as_path()] {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        let port = free_loopback_addr()?.port();
+        let out = Command::new("bash")
+            .arg(peers.join("start-postgres.sh"))
+            .arg(&data)
+            .env("PG_PORT", port.to_string())
+            .output()
+            .context("running peers/start-postgres.sh")?;
+        if !out.status.success() {
+            bail!(
+                "peers/start-postgres.sh failed (it needs root and postgresql-15): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Postgres { peers, data, port })
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/peerdb", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(self.peers.join("stop-peer.sh"))
+            .arg("postgres")
+            .arg(&self.data)
+            .output();
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to the bench PostgreSQL")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Items of the bench source in the agent's queue whose type is `msg_type`:
+/// `received_at` in id order.
+fn queued(queue: &Path, msg_type: &str) -> anyhow::Result<Vec<i64>> {
+    if !queue.exists() {
+        return Ok(Vec::new());
+    }
+    let db =
+        rusqlite::Connection::open_with_flags(queue, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    db.busy_timeout(Duration::from_secs(5))?;
+    let mut statement = db
+        .prepare("SELECT received_at FROM items WHERE source = ?1 AND msg_type = ?2 ORDER BY id")?;
+    let rows = statement
+        .query_map(rusqlite::params![SOURCE, msg_type], |row| row.get(0))?
+        .collect::<Result<Vec<i64>, _>>()?;
+    Ok(rows)
+}
+
+fn count(queue: &Path, msg_type: &str) -> usize {
+    if !queue.exists() {
+        return 0;
+    }
+    rusqlite::Connection::open_with_flags(queue, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|db| {
+            db.busy_timeout(Duration::from_secs(5))?;
+            db.query_row(
+                "SELECT count(*) FROM items WHERE source = ?1 AND msg_type = ?2",
+                rusqlite::params![SOURCE, msg_type],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n.max(0) as usize)
+        .unwrap_or(0)
+}
+
+fn bar(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_owned());
+    bar
+}
+
+/// Waits until `want` items of `msg_type` are queued, showing progress.
+async fn wait_queued(
+    queue: &Path,
+    msg_type: &str,
+    want: usize,
+    limit: Duration,
+    agent: &mut std::process::Child,
+) -> anyhow::Result<()> {
+    let progress = bar(want as u64, "queued");
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = count(queue, msg_type);
+        progress.set_position(n as u64);
+        if n >= want {
+            progress.finish_and_clear();
+            return Ok(());
+        }
+        if let Some(status) = agent.try_wait()? {
+            bail!("the agent exited with {status}");
+        }
+        if Instant::now() > deadline {
+            progress.finish_and_clear();
+            bail!(
+                "{n} of {want} {msg_type} events queued after {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    eprintln!("starting PostgreSQL 15 with peers/start-postgres.sh…");
+    let pg = Postgres::start(work.path())?;
+    let client = connect(&pg.url()).await?;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench_snap, bench_stream;
+             CREATE TABLE bench_snap (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2),
+                                      born date, created timestamptz NOT NULL);
+             INSERT INTO bench_snap SELECT g, 'Patient ' || g, (g % 10000) / 100.0,
+                    DATE '1950-01-01' + (g % 20000), now() FROM generate_series(1, {rows}) g;
+             CREATE TABLE bench_stream (id bigint PRIMARY KEY, note text);
+             ANALYZE bench_snap;"
+        ))
+        .await
+        .context("create the bench tables")?;
+
+    // The reference: COPY of the same table, every row to this process.
+    let started = Instant::now();
+    let stream = client
+        .copy_out("COPY bench_snap TO STDOUT")
+        .await
+        .context("COPY bench_snap TO STDOUT")?;
+    let mut stream = std::pin::pin!(stream);
+    let mut copy_bytes = 0usize;
+    let mut copy_rows = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        copy_bytes += chunk.len();
+        copy_rows += chunk.iter().filter(|b| **b == b'\n').count();
+    }
+    let copy_secs = started.elapsed().as_secs_f64();
+    if copy_rows as u64 != rows {
+        bail!("COPY gave {copy_rows} rows of {rows}");
+    }
+
+    let config = work.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[[source]]\nname = \"{SOURCE}\"\nkind = \"sql\"\nurl = \"{}\"\nmode = \"cdc\"\n\
+             tables = [ {{ name = \"bench_snap\", key = [\"id\"] }}, {{ name = \"bench_stream\", key = [\"id\"] }} ]\n\
+             [[sink]]\nname = \"out\"\nkind = \"jsonl\"\npath = \"events.jsonl\"\n[[route]]\nfrom = \"{SOURCE}\"\nto = [\"out\"]\n",
+            pg.url()
+        ),
+    )?;
+    let log = work.path().join("agent.log");
+    let mut agent = Command::new(std::env::current_exe()?)
+        .args(["--log", "warn", "agent", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting the agent")?;
+    let queue = work.path().join("data").join(outpost_queue::QUEUE_FILE);
+    let result = measure(&client, &queue, &mut agent, rate, seconds, rows).await;
+    stop(&mut agent);
+    let figures = result.with_context(|| format!("agent log: {}", tail(&log)))?;
+
+    let copy_rate = copy_rows as f64 / copy_secs.max(1e-6);
+    println!(
+        "COPY bench_snap TO STDOUT: {copy_rows} rows, {:.1} MB in {copy_secs:.2} s",
+        copy_bytes as f64 / 1e6
+    );
+    println!(
+        "agent snapshot: {rows} rows queued in {:.2} s (first to last row committed to the queue)",
+        figures.snapshot_secs
+    );
+    println!(
+        "agent stream: {} inserts committed in {:.1} s ({:.0}/s achieved); all queued; latency commit -> queue p50 {} ms p90 {} ms p99 {} ms max {} ms",
+        figures.writes,
+        figures.write_secs,
+        figures.writes as f64 / figures.write_secs.max(1e-6),
+        figures.p50,
+        figures.p90,
+        figures.p99,
+        figures.max
+    );
+    let snapshot_rate = rows as f64 / figures.snapshot_secs.max(1e-3);
+    println!(
+        "cdc: postgres {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs COPY {:.0} rows/s | ratio {:.2}",
+        figures.p50,
+        figures.p99,
+        snapshot_rate,
+        copy_rate,
+        snapshot_rate / copy_rate.max(1e-6)
+    );
+    Ok(())
+}
+
+struct Figures {
+    snapshot_secs: f64,
+    writes: usize,
+    write_secs: f64,
+    p50: i64,
+    p90: i64,
+    p99: i64,
+    max: i64,
+}
+
+async fn measure(
+    client: &tokio_postgres::Client,
+    queue: &Path,
+    agent: &mut std::process::Child,
+    rate: u32,
+    seconds: u64,
+    rows: u64,
+) -> anyhow::Result<Figures> {
+    eprintln!("agent snapshot of {rows} rows…");
+    wait_queued(
+        queue,
+        "bench_snap.snapshot",
+        rows as usize,
+        Duration::from_secs(600),
+        agent,
+    )
+    .await?;
+    let snap = queued(queue, "bench_snap.snapshot")?;
+    let (first, last) = (
+        snap.first().copied().unwrap_or(0),
+        snap.last().copied().unwrap_or(0),
+    );
+    let snapshot_secs = ((last - first) as f64 / 1000.0).max(0.001);
+    // Let the source switch to streaming before the clock starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    eprintln!("writing {rate} changes/s for {seconds} s…");
+    let total = (u64::from(rate) * seconds) as usize;
+    let insert = client
+        .prepare("INSERT INTO bench_stream (id, note) VALUES ($1, 'x')")
+        .await?;
+    let progress = bar(total as u64, "written");
+    let mut commits = Vec::with_capacity(total);
+    let started = Instant::now();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        client.execute(&insert, &[&(n as i64)]).await?;
+        commits.push(now_ms());
+        progress.inc(1);
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    wait_queued(
+        queue,
+        "bench_stream.insert",
+        total,
+        Duration::from_secs(120),
+        agent,
+    )
+    .await?;
+    let received = queued(queue, "bench_stream.insert")?;
+    if received.len() != total {
+        bail!(
+            "{} stream events queued for {total} inserts",
+            received.len()
+        );
+    }
+    let mut latencies: Vec<i64> = received
+        .iter()
+        .zip(&commits)
+        .map(|(queued, committed)| (queued - committed).max(0))
+        .collect();
+    latencies.sort_unstable();
+    Ok(Figures {
+        snapshot_secs,
+        writes: total,
+        write_secs,
+        p50: percentile(&latencies, 50.0),
+        p90: percentile(&latencies, 90.0),
+        p99: percentile(&latencies, 99.0),
+        max: latencies.last().copied().unwrap_or(0),
+    })
+}
