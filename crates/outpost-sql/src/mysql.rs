@@ -337,16 +337,21 @@ impl MySqlSource {
             .ok_or_else(|| SqlError::db("connect", "no connection"))
     }
 
-    /// One snapshot chunk (or the switch to streaming).
+    /// One snapshot chunk; the last one also ends the snapshot transaction (so that it
+    /// holds no metadata lock a moment longer) and switches to streaming.
     async fn snapshot_batch(&mut self) -> Result<Batch, SqlError> {
+        let mut events = Vec::new();
         loop {
-            let Phase::Snapshot { table, after, open } = &mut self.phase else {
+            let Phase::Snapshot { table, after, open } = &self.phase else {
                 return Ok(Batch {
-                    events: Vec::new(),
+                    events,
                     position: self.stream_position(),
                 });
             };
             let (index, mut after_key, was_open) = (*table, after.clone(), *open);
+            if index >= self.tables.len() {
+                return self.end_snapshot(was_open, events).await;
+            }
             if !was_open {
                 let mariadb = self.mariadb;
                 let conn = self.query_conn().await?;
@@ -359,33 +364,18 @@ impl MySqlSource {
                     *open = true;
                 }
             }
-            let snapshot_at = self
+            let at_text = self
                 .snapshot_at
-                .clone()
+                .as_ref()
+                .map(BinlogPos::text)
                 .ok_or_else(|| SqlError::Binlog("the snapshot has no binlog position".into()))?;
             let Some(spec) = self.tables.get(index).cloned() else {
-                let conn = self.query_conn().await?;
-                conn.query_drop("COMMIT")
-                    .await
-                    .map_err(|err| my("end the snapshot", err))?;
-                self.conn = None;
-                self.phase = Phase::Stream;
-                self.at = snapshot_at;
-                self.file = self.at.file.clone();
-                self.last_yield = Instant::now();
-                tracing::info!(binlog = %self.at.text(), "snapshot done; streaming");
-                self.yielded = Some(self.at.clone());
-                return Ok(Batch {
-                    events: Vec::new(),
-                    position: self.stream_position(),
-                });
+                continue;
             };
             let chunk_rows = self.chunk_rows;
             let conn = self.query_conn().await?;
             let rows = read_chunk(conn, &spec, after_key.as_deref(), chunk_rows).await?;
             let full = rows.len() >= chunk_rows as usize;
-            let mut events = Vec::with_capacity(rows.len());
-            let at_text = snapshot_at.text();
             for row in rows {
                 let mut after_row = Row::new();
                 for (i, column) in spec.columns.iter().enumerate() {
@@ -430,7 +420,7 @@ impl MySqlSource {
                 *table = next_table;
                 after.clone_from(&next_after);
             }
-            if events.is_empty() {
+            if events.is_empty() || next_table >= self.tables.len() {
                 continue;
             }
             return Ok(Batch {
@@ -443,6 +433,36 @@ impl MySqlSource {
                 }),
             });
         }
+    }
+
+    /// Ends the snapshot transaction and switches to streaming from the first snapshot's
+    /// position; `events` (the last chunk) go out with the stream's position.
+    async fn end_snapshot(
+        &mut self,
+        open: bool,
+        events: Vec<ChangeEvent>,
+    ) -> Result<Batch, SqlError> {
+        let snapshot_at = self
+            .snapshot_at
+            .clone()
+            .ok_or_else(|| SqlError::Binlog("the snapshot has no binlog position".into()))?;
+        if open {
+            let conn = self.query_conn().await?;
+            conn.query_drop("COMMIT")
+                .await
+                .map_err(|err| my("end the snapshot", err))?;
+        }
+        self.conn = None;
+        self.phase = Phase::Stream;
+        self.at = snapshot_at;
+        self.file = self.at.file.clone();
+        self.last_yield = Instant::now();
+        self.yielded = Some(self.at.clone());
+        tracing::info!(binlog = %self.at.text(), "snapshot done; streaming");
+        Ok(Batch {
+            events,
+            position: self.stream_position(),
+        })
     }
 
     /// Opens the binlog stream at `self.at`.

@@ -61,7 +61,7 @@ to = ["events"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `source[0].tables[1].key`"), "{err}");
-        let bad = MINIMAL.replace("postgres://outpost:secret@", "mysql://outpost:secret@");
+        let bad = MINIMAL.replace("postgres://outpost:secret@", "oracle://outpost:secret@");
         let err = AgentConfig::parse(&bad, Path::new("outpost.toml"))
             .unwrap_err()
             .to_string();

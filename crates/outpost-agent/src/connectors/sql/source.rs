@@ -51,6 +51,7 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
         };
         // From here the batch is brought to a safe point even if shutdown comes meanwhile.
         let mut repeats = 0usize;
+        let mut items = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
             let external_ref = event.id.as_ref().map(|id| format!("sql:{}:{id}", cx.name));
             if checking {
@@ -61,9 +62,14 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
                     }
                 }
             }
-            cx.queue
-                .append(item(&cx, event, external_ref, &sinks)?)
-                .await?;
+            items.push(item(&cx, event, external_ref, &sinks)?);
+        }
+        // Submitted together, so the queue's writer commits them in a few transactions
+        // (group commit) rather than one fsync each. The futures are first polled in order
+        // and the writer's channel is FIFO (also when full), so item ids keep event order.
+        let queued = items.len();
+        futures::future::try_join_all(items.into_iter().map(|item| cx.queue.append(item))).await?;
+        for _ in 0..queued {
             cx.health.count_item(&cx.name);
         }
         checking = repeats > 0;
