@@ -174,6 +174,7 @@ fn inventory_source(config: Arc<AgentConfig>, queue: Queue, health: Health) -> I
                         kind: status.kind.to_owned(),
                         state: status.state.as_str().to_owned(),
                         last_error: status.last_error,
+                        detail: status.detail,
                         items: status.items,
                         failures: status.failures,
                     })

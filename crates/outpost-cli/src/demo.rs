@@ -313,6 +313,9 @@ async fn report(
             status.failures,
             status.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(detail) = &status.detail {
+            println!("      {detail}");
+        }
     }
     println!(
         "  agent queue on disk: {}",

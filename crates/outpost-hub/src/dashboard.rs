@@ -221,7 +221,7 @@ async fn agent_page(
     let data = agent_data(&state, &id, caller.principal.starts_with("staff:")).await?;
     let initial = script_json(&data);
     let body = r#"<p><a href="/">&larr; Fleet</a></p><h2 id="title"></h2><div id="summary"></div>
-<h3>Connectors</h3><table><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>State</th><th>Items</th><th>Failures</th><th>Last error</th></tr></thead><tbody id="connectors"></tbody></table>
+<h3>Connectors</h3><table><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>State</th><th>Items</th><th>Failures</th><th>Detail</th><th>Last error</th></tr></thead><tbody id="connectors"></tbody></table>
 <h3>Queues</h3><table><thead><tr><th>Sink</th><th>Pending</th><th>Retrying</th><th>Dead</th></tr></thead><tbody id="queues"></tbody></table>
 <h3>Recent messages</h3><p class="muted">Metadata only. Opening a message shows patient data and is recorded.</p>
 <table><thead><tr><th>Cursor</th><th>Received</th><th>Source</th><th>Type</th><th>Control id</th><th></th></tr></thead><tbody id="messages"></tbody></table>
@@ -235,7 +235,7 @@ with arguments <input id="jobargs" value="{}" size="50"> <button>Run</button> <s
 const render = d => {{ const a = d.agent, inv = a.inventory || {{}};
 document.getElementById('title').textContent = a.name + ' (' + a.id + ')';
 document.getElementById('summary').innerHTML = `<span class="${{a.online ? 'ok' : 'bad'}}">${{a.online ? 'online' : 'offline'}}</span> · version ${{esc(inv.version || '?')}} · host ${{esc(a.hostname)}} · last heartbeat ${{ago(a.last_seen_ms)}} · clock skew ${{inv.clock_skew_ms ?? '?'}} ms · disk free ${{inv.disk_free_bytes ? (inv.disk_free_bytes/1073741824).toFixed(1) + ' GiB' : '?'}}`;
-document.getElementById('connectors').innerHTML = (inv.connectors || []).map(c => `<tr><td>${{esc(c.name)}}</td><td>${{esc(c.role)}}</td><td>${{esc(c.kind)}}</td><td>${{esc(c.state)}}</td><td>${{c.items}}</td><td>${{c.failures}}</td><td>${{esc(c.last_error || '')}}</td></tr>`).join('');
+document.getElementById('connectors').innerHTML = (inv.connectors || []).map(c => `<tr><td>${{esc(c.name)}}</td><td>${{esc(c.role)}}</td><td>${{esc(c.kind)}}</td><td>${{esc(c.state)}}</td><td>${{c.items}}</td><td>${{c.failures}}</td><td>${{esc(c.detail || '')}}</td><td>${{esc(c.last_error || '')}}</td></tr>`).join('');
 document.getElementById('queues').innerHTML = (inv.queues || []).map(q => `<tr><td>${{esc(q.sink)}}</td><td>${{q.pending}}</td><td>${{q.retrying}}</td><td>${{q.dead}}</td></tr>`).join('');
 document.getElementById('messages').innerHTML = d.messages.map(m => `<tr><td>${{m.cursor}}</td><td>${{new Date(m.received_at_ms).toLocaleString()}}</td><td>${{esc(m.source)}}</td><td>${{esc(m.msg_type || '')}}</td><td>${{esc(m.control_id || '')}}</td><td><a href="/agents/${{enc(a.id)}}/messages/${{m.cursor}}">show content</a></td></tr>`).join(''); }};
 document.getElementById('jobs').innerHTML = d.jobs.map(j => `<tr><td>${{esc(j.id)}}</td><td>${{esc(j.capability)}}</td><td>${{esc(j.staff)}}</td><td class="${{j.state === 'done' ? 'ok' : (['refused','failed','denied','expired'].includes(j.state) ? 'bad' : '')}}">${{esc(j.state)}}</td><td>${{esc(j.rule || '')}}</td><td>${{esc(j.summary || j.reason || '')}}</td><td>${{esc(j.approver || '')}}</td><td><a href="" data-job="${{esc(j.id)}}">output</a></td></tr>`).join('');

@@ -367,6 +367,9 @@ pub struct ConnectorReport {
     /// The last error seen.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// A one-line state of its own, e.g. a SQL source's lag and snapshot progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// Items handled since start.
     pub items: u64,
     /// Failures since start.

@@ -97,15 +97,15 @@ pub async fn open(
         Target::Postgres => Ok(Box::new(
             postgres::PgSource::open(name, config, resume).await?,
         )),
-        Target::MySql => Ok(Box::new(mysql::MySqlSource::open(name, config, resume).await?)),
+        Target::MySql => Ok(Box::new(
+            mysql::MySqlSource::open(name, config, resume).await?,
+        )),
         Target::Sqlite(path) => Ok(Box::new(
             sqlite::SqlitePoll::open(name, config, &path, state_dir).await?,
         )),
         Target::Firebird => Ok(Box::new(
             firebird::FbSource::open(name, config, resume).await?,
         )),
-        Target::SqlServer => Ok(Box::new(
-            mssql::MsSource::open(name, config, resume).await?,
-        )),
+        Target::SqlServer => Ok(Box::new(mssql::MsSource::open(name, config, resume).await?)),
     }
 }

@@ -104,7 +104,11 @@ struct MyTable {
 
 impl MyTable {
     fn quoted(&self) -> String {
-        format!("{}.{}", quote_mysql(&self.database), quote_mysql(&self.name))
+        format!(
+            "{}.{}",
+            quote_mysql(&self.database),
+            quote_mysql(&self.name)
+        )
     }
 }
 
@@ -213,15 +217,12 @@ impl MySqlSource {
         resume: Option<Position>,
     ) -> Result<MySqlSource, SqlError> {
         let opts = options(config)?;
-        let database = opts
-            .db_name()
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                SqlError::Config(
-                    "url: expected the database in the path, like mysql://user@127.0.0.1:3306/pms"
-                        .into(),
-                )
-            })?;
+        let database = opts.db_name().map(str::to_owned).ok_or_else(|| {
+            SqlError::Config(
+                "url: expected the database in the path, like mysql://user@127.0.0.1:3306/pms"
+                    .into(),
+            )
+        })?;
         let mut conn = connect(&opts, &config.url).await?;
         let mariadb = check_server(&mut conn).await?;
         let mut tables = Vec::with_capacity(config.tables.len());
@@ -524,7 +525,9 @@ impl MySqlSource {
                 }
                 None => {
                     self.stream = None;
-                    return Err(SqlError::Binlog("the server ended the binlog stream".into()));
+                    return Err(SqlError::Binlog(
+                        "the server ended the binlog stream".into(),
+                    ));
                 }
             };
             if let Some(batch) = self.handle(&event).await? {
@@ -578,11 +581,9 @@ impl MySqlSource {
             }
             event_type::MYSQL_GTID | event_type::MYSQL_ANONYMOUS_GTID => {
                 let gtid = match event.read_data() {
-                    Ok(Some(EventData::GtidEvent(gtid))) => Some(format!(
-                        "{}:{}",
-                        format_uuid(&gtid.sid()),
-                        gtid.gno()
-                    )),
+                    Ok(Some(EventData::GtidEvent(gtid))) => {
+                        Some(format!("{}:{}", format_uuid(&gtid.sid()), gtid.gno()))
+                    }
                     _ => None,
                 };
                 // BEGIN follows; a DDL statement does not open a transaction.
@@ -669,10 +670,7 @@ impl MySqlSource {
         if tx.events.is_empty() {
             return Ok(self.heartbeat_due().then(|| self.heartbeat_batch()));
         }
-        let tx_id = tx
-            .gtid
-            .clone()
-            .or_else(|| xid.map(|x| x.to_string()));
+        let tx_id = tx.gtid.clone().or_else(|| xid.map(|x| x.to_string()));
         let id_base = tx.gtid.clone().unwrap_or_else(|| self.at.text());
         let commit_time = commit_time(timestamp);
         let mut events = tx.events;
@@ -741,9 +739,8 @@ impl MySqlSource {
                 message: format!(
                     "the binlog at {} has {count} columns for it but the table now has {} \
                      (a column was added or dropped after this change was written); column names \
-                     cannot be matched. Set binlog_row_metadata = FULL on the server so that the \
-                     binlog names its columns, or take a new snapshot (remove the source's \
-                     position file)",
+                     cannot be matched. Take a new snapshot (remove the source's position \
+                     file) to go on from the table as it is now",
                     self.at.text(),
                     fresh.len()
                 ),
@@ -934,10 +931,7 @@ fn options(config: &SourceConfig) -> Result<Opts, SqlError> {
     })?;
     let mut builder = OptsBuilder::from_opts(opts)
         .prefer_socket(false)
-        .init(vec![
-            "SET time_zone = '+00:00'",
-            "SET NAMES utf8mb4",
-        ]);
+        .init(vec!["SET time_zone = '+00:00'", "SET NAMES utf8mb4"]);
     if let Some(password) = config.password()? {
         builder = builder.pass(Some(password));
     }
@@ -971,6 +965,7 @@ async fn connect(opts: &Opts, url: &str) -> Result<Conn, SqlError> {
 
 /// Checks that the binlog is on and in row format; says whether the server is MariaDB.
 async fn check_server(conn: &mut Conn) -> Result<bool, SqlError> {
+    #[allow(clippy::type_complexity)]
     let row: Option<(String, Option<String>, Option<String>, Option<String>)> = conn
         .query_first(
             "SELECT VERSION(), CAST(@@GLOBAL.log_bin AS CHAR), @@GLOBAL.binlog_format, \
@@ -989,13 +984,19 @@ async fn check_server(conn: &mut Conn) -> Result<bool, SqlError> {
             "the server's binary log is off: start it with log_bin (and binlog_format = ROW, a server_id)".into(),
         ));
     }
-    if !format.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("ROW")) {
+    if !format
+        .as_deref()
+        .is_some_and(|f| f.eq_ignore_ascii_case("ROW"))
+    {
         return Err(SqlError::Binlog(format!(
             "binlog_format is {}; change capture needs ROW (SET GLOBAL binlog_format = 'ROW' and in the server's config)",
             format.unwrap_or_default()
         )));
     }
-    if !image.as_deref().is_some_and(|i| i.eq_ignore_ascii_case("FULL")) {
+    if !image
+        .as_deref()
+        .is_some_and(|i| i.eq_ignore_ascii_case("FULL"))
+    {
         tracing::warn!(
             binlog_row_image = image.as_deref().unwrap_or_default(),
             "binlog_row_image is not FULL: `before` holds only what the server logs (the key, for MINIMAL)"
@@ -1086,8 +1087,7 @@ async fn begin_snapshot(conn: &mut Conn, mariadb: bool) -> Result<BinlogPos, Sql
             conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
                 .await
                 .map_err(|err| my("begin the snapshot", err))?;
-            let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await
-            {
+            let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
                 Ok(row) => row,
                 Err(_) => conn
                     .query_first("SHOW BINARY LOG STATUS")
@@ -1099,7 +1099,9 @@ async fn begin_snapshot(conn: &mut Conn, mariadb: bool) -> Result<BinlogPos, Sql
             let pos: Option<u64> = row.get(1);
             match (file, pos) {
                 (Some(file), Some(pos)) => Ok(BinlogPos { file, pos }),
-                _ => Err(SqlError::Binlog("SHOW MASTER STATUS gave no position".into())),
+                _ => Err(SqlError::Binlog(
+                    "SHOW MASTER STATUS gave no position".into(),
+                )),
             }
         }
         .await;
@@ -1129,10 +1131,20 @@ async fn read_chunk(
             let mut terms = Vec::new();
             for (j, key) in keys.iter().enumerate().take(i) {
                 terms.push(format!("{key} = ?"));
-                params.push(after.get(j).map(KeyValue::to_value).unwrap_or(mysql_async::Value::NULL));
+                params.push(
+                    after
+                        .get(j)
+                        .map(KeyValue::to_value)
+                        .unwrap_or(mysql_async::Value::NULL),
+                );
             }
             terms.push(format!("{} > ?", keys[i]));
-            params.push(after.get(i).map(KeyValue::to_value).unwrap_or(mysql_async::Value::NULL));
+            params.push(
+                after
+                    .get(i)
+                    .map(KeyValue::to_value)
+                    .unwrap_or(mysql_async::Value::NULL),
+            );
             alternatives.push(format!("({})", terms.join(" AND ")));
         }
         sql.push_str(&format!(" WHERE {}", alternatives.join(" OR ")));
@@ -1169,7 +1181,7 @@ mod tests {
         let a = replica_server_id("pms", "practice");
         assert_eq!(a, replica_server_id("pms", "practice"));
         assert_ne!(a, replica_server_id("pms", "other"));
-        assert!(a >= 0x4000_0000 && a < 0x8000_0000);
+        assert!((0x4000_0000..0x8000_0000).contains(&a));
     }
 
     #[test]

@@ -289,8 +289,19 @@ impl Server {
     fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
         let mut command = Command::new("mariadb");
         command
-            .args(["--no-defaults", "-h", "127.0.0.1", "-P", &self.port.to_string()])
-            .args(["-u", "root", "--connect-timeout=10", "--default-character-set=utf8mb4"])
+            .args([
+                "--no-defaults",
+                "-h",
+                "127.0.0.1",
+                "-P",
+                &self.port.to_string(),
+            ])
+            .args([
+                "-u",
+                "root",
+                "--connect-timeout=10",
+                "--default-character-set=utf8mb4",
+            ])
             .args(["-N", "-B", "-e", sql]);
         if !db.is_empty() {
             command.args(["-D", db]);

@@ -491,7 +491,10 @@ mod tests {
         // The binlog's form of the same TIMESTAMP: seconds since the epoch.
         let binlog = |kind: &Kind, value: MyValue| binlog_to_json(kind, &BinlogValue::Value(value));
         assert_eq!(
-            binlog(&Kind::Timestamp, MyValue::Bytes(b"1709649000.500000".to_vec())),
+            binlog(
+                &Kind::Timestamp,
+                MyValue::Bytes(b"1709649000.500000".to_vec())
+            ),
             json!("2024-03-05T14:30:00.5Z")
         );
         assert_eq!(
@@ -503,14 +506,14 @@ mod tests {
             json!("-26:03:04")
         );
         assert_eq!(
-            to_json(
-                &Kind::Binary { pad: Some(4) },
-                &MyValue::Bytes(vec![1, 2])
-            ),
+            to_json(&Kind::Binary { pad: Some(4) }, &MyValue::Bytes(vec![1, 2])),
             json!("AQIAAA==")
         );
         assert_eq!(
-            to_json(&Kind::Binary { pad: None }, &MyValue::Bytes(vec![0, 255, 16])),
+            to_json(
+                &Kind::Binary { pad: None },
+                &MyValue::Bytes(vec![0, 255, 16])
+            ),
             json!("AP8Q")
         );
         assert_eq!(
@@ -521,7 +524,10 @@ mod tests {
             json!("Zoë 山田")
         );
         assert_eq!(
-            to_json(&Kind::Text { latin1: true }, &MyValue::Bytes(vec![b'Z', 0xEB])),
+            to_json(
+                &Kind::Text { latin1: true },
+                &MyValue::Bytes(vec![b'Z', 0xEB])
+            ),
             json!("Zë")
         );
         let enum_kind = Kind::Enum(vec!["a".into(), "b".into()]);
@@ -537,7 +543,10 @@ mod tests {
             json!("x,z")
         );
         assert_eq!(to_json(&Kind::Bit, &MyValue::Bytes(vec![1, 2])), json!(258));
-        assert_eq!(to_json(&Kind::Year, &MyValue::Bytes(b"2024".to_vec())), json!(2024));
+        assert_eq!(
+            to_json(&Kind::Year, &MyValue::Bytes(b"2024".to_vec())),
+            json!(2024)
+        );
     }
 
     #[test]

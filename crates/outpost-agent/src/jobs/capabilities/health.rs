@@ -56,6 +56,9 @@ pub struct ConnectorReport {
     pub paused: Option<bool>,
     /// The last error, kept after recovery.
     pub last_error: Option<String>,
+    /// A one-line state of its own (a SQL source: lag, WAL behind, snapshot progress).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// Items taken in or delivered since start.
     pub items: u64,
     /// Items refused or failed attempts since start.
@@ -147,6 +150,7 @@ pub async fn collect(cx: &JobContext) -> HealthReport {
             kind: status.kind,
             state: status.state.as_str(),
             last_error: status.last_error,
+            detail: status.detail,
             items: status.items,
             failures: status.failures,
         })
