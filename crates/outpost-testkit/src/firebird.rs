@@ -4,27 +4,20 @@
 //! dropped when that user is done.
 //!
 //! Same design as [`crate::PgDatabase`]: the server is shared by every test using it at the
-//! same time, in this process and in others, and stopped by the last one to finish. Across
-//! processes, `server.lock` (held while starting or deciding to stop) and `users.lock`
-//! (held shared by every process with a database there) in the data dir; a process whose
-//! last database is gone stops the server only if it can take `users.lock` exclusively.
-//! A server left running by a killed run is reused (its port is read back from the
-//! `firebird.conf` the recipe wrote), and leftover `test_*.fdb` files are removed by the
-//! next process that finds itself the only user.
+//! same time, in this process and in others, and stopped by the last one to finish, with two
+//! `flock`s in the data dir: see `shared_server.rs`. A server left running by a killed run is
+//! reused (its port is read back from the `firebird.conf` the recipe wrote), and leftover
+//! `test_*.fdb` files are removed by the next process that finds itself the only user.
 //!
 //! Needs root (the server runs as the `firebird` user) and the apt packages
 //! `firebird3.0-server firebird3.0-utils` (the recipe installs them if missing, with
 //! services kept from starting).
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 
-use fs4::fs_std::FileExt;
-
-use crate::{free_port, peers_dir};
+use crate::shared_server::{self, output_text, Lease, Server, ServerKind, SharedServer};
 
 /// The SYSDBA password the recipe sets.
 pub const FB_PASSWORD: &str = "masterkey";
@@ -32,40 +25,64 @@ pub const FB_PASSWORD: &str = "masterkey";
 /// Test databases are named `test_<16 hex digits>.fdb`.
 const DB_PREFIX: &str = "test_";
 
-static SERVER: Mutex<Shared> = Mutex::new(Shared {
-    server: None,
-    users: 0,
-    users_lock: None,
-});
+/// This process's use of the server.
+static SERVER: SharedServer<Firebird> = SharedServer::new();
 
-struct Shared {
-    server: Option<Server>,
-    users: usize,
-    users_lock: Option<File>,
+/// Firebird 3 as a [`ServerKind`].
+struct Firebird;
+
+impl ServerKind for Firebird {
+    const NAME: &'static str = "firebird";
+    const TITLE: &'static str = "Firebird 3";
+    const PORT_ENV: &'static str = "FB_PORT";
+    const START_ENV: &'static [(&'static str, &'static str)] = &[("FB_PASSWORD", FB_PASSWORD)];
+    const LOG: &'static str = "firebird/server.log";
+    const NEEDS: &'static str = "It needs root (it runs the server as the `firebird` user) and \
+         the apt packages `firebird3.0-server firebird3.0-utils`; or set OUTPOST_PEERS=skip to \
+         skip peer tests.";
+
+    /// The port in the server's firebird.conf.
+    fn running_port(data_dir: &Path) -> Option<u16> {
+        let conf = data_dir.join("firebird/root/firebird.conf");
+        std::fs::read_to_string(conf).ok().and_then(|text| {
+            text.lines().find_map(|line| {
+                let (key, value) = line.split_once('=')?;
+                (key.trim() == "RemoteServicePort")
+                    .then(|| value.trim().parse().ok())
+                    .flatten()
+            })
+        })
+    }
+
+    /// Removes the test databases of runs that were killed before they could.
+    fn drop_leftovers(server: &Server<Firebird>) {
+        let Ok(entries) = std::fs::read_dir(server.db_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(DB_PREFIX) && name.ends_with(".fdb") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 /// Whether Firebird tests are skipped on purpose (`OUTPOST_PEERS=skip`); says so on stderr.
 pub fn skip_firebird_tests(test: &str) -> bool {
-    let skip = std::env::var("OUTPOST_PEERS").is_ok_and(|v| v == "skip");
-    if skip {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: OUTPOST_PEERS=skip (it needs Firebird 3, started by peers/start-firebird.sh)"
-        );
-    }
-    skip
+    shared_server::skip_tests::<Firebird>(test)
 }
 
 /// An empty database (UTF8) of its own on the shared server, dropped on drop.
 pub struct FbDatabase {
-    server: Server,
+    server: Lease<Firebird>,
     path: PathBuf,
 }
 
 impl FbDatabase {
     /// Starts the server if no test is using it, and creates a database with a random name.
     pub fn create() -> FbDatabase {
-        let server = Server::acquire();
+        let server = SERVER.acquire();
         let path = server
             .db_dir()
             .join(format!("{DB_PREFIX}{:016x}.fdb", rand::random::<u64>()));
@@ -142,18 +159,18 @@ impl FbDatabase {
 
     /// The last lines of the server's log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        tail_file(&self.server.data_dir.join("firebird/server.log"), lines)
+        self.server.log_tail(lines)
     }
 }
 
 impl Drop for FbDatabase {
+    /// Drops the database; then the lease (a field) releases the server.
     fn drop(&mut self) {
         let sql = "DROP DATABASE;\n";
         if self.try_isql(sql).is_err() {
             // Still attached (a killed agent): the file goes with the next cleanup.
             let _ = std::fs::remove_file(&self.path);
         }
-        Server::release();
     }
 }
 
@@ -213,114 +230,9 @@ impl Drop for IsqlSession {
     }
 }
 
-#[derive(Clone)]
-struct Server {
-    data_dir: PathBuf,
-    port: u16,
-}
-
-impl Server {
-    fn acquire() -> Server {
-        let mut shared = SERVER.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(server) = &shared.server {
-            let server = server.clone();
-            shared.users += 1;
-            return server;
-        }
-        let data_dir = data_dir();
-        std::fs::create_dir_all(&data_dir)
-            .unwrap_or_else(|err| panic!("create {}: {err}", data_dir.display()));
-        let server_lock = lock_file(&data_dir, "server.lock");
-        flock(&server_lock, "server.lock", FileExt::lock_exclusive);
-        let users_lock = lock_file(&data_dir, "users.lock");
-        let alone = FileExt::try_lock_exclusive(&users_lock)
-            .unwrap_or_else(|err| panic!("flock {}/users.lock: {err}", data_dir.display()));
-        let server = Server::start(data_dir);
-        if alone {
-            server.remove_leftovers();
-        }
-        flock(&users_lock, "users.lock", FileExt::lock_shared);
-        drop(server_lock);
-        shared.server = Some(server.clone());
-        shared.users = 1;
-        shared.users_lock = Some(users_lock);
-        server
-    }
-
-    fn release() {
-        let mut shared = SERVER.lock().unwrap_or_else(|p| p.into_inner());
-        shared.users = shared.users.saturating_sub(1);
-        if shared.users > 0 {
-            return;
-        }
-        let (Some(server), Some(users_lock)) = (shared.server.take(), shared.users_lock.take())
-        else {
-            return;
-        };
-        let server_lock = lock_file(&server.data_dir, "server.lock");
-        flock(&server_lock, "server.lock", FileExt::lock_exclusive);
-        if FileExt::try_lock_exclusive(&users_lock).unwrap_or(false) {
-            server.stop();
-        }
-        drop(users_lock);
-        drop(server_lock);
-    }
-
-    /// Runs the start script (which does nothing when the server already runs) and learns
-    /// the port it listens on.
-    fn start(data_dir: PathBuf) -> Server {
-        let script = peers_dir().join("start-firebird.sh");
-        let port = free_port();
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&data_dir)
-            .env("FB_PORT", port.to_string())
-            .env("FB_PASSWORD", FB_PASSWORD)
-            .output()
-            .unwrap_or_else(|err| panic!("running {}: {err}", script.display()));
-        if !out.status.success() {
-            panic!(
-                "Firebird 3 did not start: {} {} exited with {}.\n\
-                 It needs root (it runs the server as the `firebird` user) and the apt packages \
-                 `firebird3.0-server firebird3.0-utils`; or set OUTPOST_PEERS=skip to skip peer tests.\n{}\nserver log tail:\n{}",
-                script.display(),
-                data_dir.display(),
-                out.status,
-                output_text(&out),
-                tail_file(&data_dir.join("firebird/server.log"), 20)
-            );
-        }
-        // A server already running is reused: its port is the one in its firebird.conf.
-        let conf = data_dir.join("firebird/root/firebird.conf");
-        let port = std::fs::read_to_string(&conf)
-            .ok()
-            .and_then(|text| {
-                text.lines().find_map(|line| {
-                    let (key, value) = line.split_once('=')?;
-                    (key.trim() == "RemoteServicePort")
-                        .then(|| value.trim().parse().ok())
-                        .flatten()
-                })
-            })
-            .unwrap_or(port);
-        Server { data_dir, port }
-    }
-
+impl Server<Firebird> {
     fn db_dir(&self) -> PathBuf {
         self.data_dir.join("firebird/db")
-    }
-
-    /// Removes the test databases of runs that were killed before they could.
-    fn remove_leftovers(&self) {
-        let Ok(entries) = std::fs::read_dir(self.db_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(DB_PREFIX) && name.ends_with(".fdb") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
     }
 
     /// isql-fb connected to `database` if given (as SYSDBA, UTF8), all pipes taken.
@@ -371,62 +283,4 @@ impl Server {
             ))
         }
     }
-
-    fn stop(&self) {
-        let script = peers_dir().join("stop-peer.sh");
-        let stopped = Command::new("bash")
-            .arg(&script)
-            .arg("firebird")
-            .arg(&self.data_dir)
-            .output();
-        match stopped {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!("{} firebird: {}", script.display(), output_text(&out)),
-            Err(err) => eprintln!("running {}: {err}", script.display()),
-        }
-    }
-}
-
-/// `<target dir>/tmp/outpost-firebird` (see `postgres.rs`).
-fn data_dir() -> PathBuf {
-    let target = std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .find(|dir| dir.file_name().is_some_and(|name| name == "deps"))
-                .and_then(|deps| deps.parent()?.parent())
-                .map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| crate::workspace_root().join("target"));
-    target.join("tmp").join("outpost-firebird")
-}
-
-fn lock_file(dir: &Path, name: &str) -> File {
-    let path = dir.join(name);
-    File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|err| panic!("open {}: {err}", path.display()))
-}
-
-fn flock(file: &File, name: &str, lock: fn(&File) -> std::io::Result<()>) {
-    lock(file).unwrap_or_else(|err| panic!("flock {name}: {err}"));
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .trim()
-    .to_owned()
-}
-
-fn tail_file(path: &Path, lines: usize) -> String {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|err| format!("({}: {err})", path.display()));
-    crate::tail(&text, lines)
 }

@@ -30,6 +30,7 @@ mod postgres;
 mod process;
 mod python;
 pub mod samples;
+mod shared_server;
 pub mod support;
 
 use std::fmt::Debug;
