@@ -59,6 +59,7 @@ fn protocol_crates_know_nothing_of_queue_agent_uplink_or_hub() {
         "outpost-mllp",
         "outpost-core",
         "outpost-dicom",
+        "outpost-sql",
     ] {
         assert_none_of(protocol, &upper);
     }
