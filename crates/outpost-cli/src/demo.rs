@@ -1,6 +1,8 @@
 //! `outpost demo`: a hub and an enrolled agent on loopback with embedded defaults. Sample
 //! HL7 messages go into the agent's MLLP source and out to the hub (visible in the data API
-//! and dashboard) and to a downstream "lab" MLLP server. Prints where everything is and
+//! and dashboard) and to a downstream "lab" MLLP server. A small practice database (SQLite)
+//! is captured too: each appointment booked or moved becomes a change event in
+//! `events.jsonl` in the agent's folder and at the hub. Prints where everything is and
 //! what to try.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +23,15 @@ use crate::{inspect, samples, signals};
 
 /// How often the demo sends another message after the first batch.
 const SEND_EVERY: Duration = Duration::from_secs(3);
+
+/// The demo practice's database: SQLite, with the column the agent polls on.
+const PRACTICE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS appointment (
+    aptnum     INTEGER PRIMARY KEY,
+    patnum     INTEGER NOT NULL,
+    start_at   TEXT NOT NULL,
+    note       TEXT,
+    updated_at INTEGER NOT NULL
+)";
 
 /// Runs the demo until `run_for` passes or Ctrl-C. Without `data_dir` it works in a
 /// temporary folder that is removed at the end.
@@ -93,6 +104,7 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     let lab = Downstream::start(Some(events_tx))
         .await
         .context("starting the demo lab")?;
+    let practice = PracticeDatabase::create(&root.join("agent").join("pms.db"))?;
     let agent_config = agent_config(&root.join("agent"), &hub_url, &token, &ca, lab.addr)?;
     let agent = outpost_agent::start(agent_config.clone(), shutdown.child_token())
         .await
@@ -109,6 +121,11 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     println!("  API key    {api_key}");
     println!("  staff      support@demo-vendor, token {staff_token} (sign in with it to run support jobs)");
     println!("  agent      MLLP source \"lab-in\" on {source}, sinks \"vendor\" (the hub) and \"lab-out\" (a lab at {})", lab.addr);
+    println!(
+        "             SQL source \"pms\" polling {} into {} and the hub",
+        practice.path.display(),
+        agent_config.data_dir.join("events.jsonl").display()
+    );
     println!("  try        curl --cacert {} -H 'Authorization: Bearer {api_key}' '{hub_url}/api/v1/messages?after=0&limit=10'", ca.display());
     println!(
         "             curl --cacert {} {hub_url}/api/v1/openapi.json",
@@ -153,9 +170,12 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
     for message in &first_batch {
         send_and_print(&mut sender, message).await?;
     }
+    practice.book(1, 1001, "2026-12-01T09:00:00Z", Some("new patient"))?;
+    practice.book(2, 1002, "2026-12-01T09:30:00Z", None)?;
     support_job(&hub, &staff, &agent_id).await?;
     let deadline = run_for.map(|d| tokio::time::Instant::now() + d);
-    let mut next = 4;
+    let mut next: usize = 4;
+    let mut booked: i64 = 3;
     loop {
         let stop_at = async {
             match deadline {
@@ -168,12 +188,21 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
             _ = signals::shutdown_requested() => break,
             _ = tokio::time::sleep(SEND_EVERY) => {
                 send_and_print(&mut sender, &samples::lab_result(&format!("DEMO{run_id}-{next}"), next)).await?;
+                if next % 2 == 0 {
+                    practice.book(booked, 1000 + booked, "2026-12-02T10:00:00Z", Some("booked online"))?;
+                    booked += 1;
+                } else {
+                    practice.move_to(1, &format!("2026-12-01T{:02}:00:00Z", 8 + next % 9))?;
+                }
                 next += 1;
             }
         }
     }
+    // The source polls every second: give it one more look before the report.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     wait_for_drain(&agent).await;
     report(&hub, &agent, lab.count.load(Ordering::Relaxed)).await?;
+    report_changes(&agent_config.data_dir.join("events.jsonl"))?;
     agent.stop().await;
     shutdown.cancel();
     hub.wait().await;
@@ -266,6 +295,21 @@ connect = "{lab}"
 [[route]]
 from = "lab-in"
 to = ["vendor", "lab-out"]
+[[source]]
+name = "pms"
+kind = "sql"
+url = "sqlite:pms.db"
+mode = "poll"
+interval = "1s"
+watermark = "updated_at"
+tables = [ {{ name = "appointment", key = ["aptnum"] }} ]
+[[sink]]
+name = "events"
+kind = "jsonl"
+path = "events.jsonl"
+[[route]]
+from = "pms"
+to = ["events", "vendor"]
 "#,
         ca = ca.display().to_string()
     );
@@ -321,6 +365,66 @@ async fn report(
         "  agent queue on disk: {}",
         inspect::bytes(agent.queue.disk_bytes())
     );
+    Ok(())
+}
+
+/// The demo practice's database, written the way a practice-management program would.
+struct PracticeDatabase {
+    path: PathBuf,
+    connection: rusqlite::Connection,
+}
+
+impl PracticeDatabase {
+    fn create(path: &Path) -> anyhow::Result<PracticeDatabase> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let connection = rusqlite::Connection::open(path)
+            .with_context(|| format!("creating the demo practice database {}", path.display()))?;
+        connection.execute_batch(PRACTICE_SCHEMA)?;
+        Ok(PracticeDatabase {
+            path: path.to_owned(),
+            connection,
+        })
+    }
+
+    fn book(
+        &self,
+        aptnum: i64,
+        patnum: i64,
+        start_at: &str,
+        note: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.connection.execute(
+            "INSERT OR REPLACE INTO appointment (aptnum, patnum, start_at, note, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![aptnum, patnum, start_at, note, outpost_queue::now_ms()],
+        )?;
+        println!("  practice booked appointment {aptnum} for patient {patnum} at {start_at}");
+        Ok(())
+    }
+
+    fn move_to(&self, aptnum: i64, start_at: &str) -> anyhow::Result<()> {
+        self.connection.execute(
+            "UPDATE appointment SET start_at = ?2, updated_at = ?3 WHERE aptnum = ?1",
+            rusqlite::params![aptnum, start_at, outpost_queue::now_ms()],
+        )?;
+        println!("  practice moved appointment {aptnum} to {start_at}");
+        Ok(())
+    }
+}
+
+/// How many change events reached the folder sink, and the last one.
+fn report_changes(path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    println!(
+        "  practice database: {} change event(s) in {}",
+        lines.len(),
+        path.display()
+    );
+    if let Some(last) = lines.last() {
+        println!("      last: {last}");
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! The README's first command: `outpost demo --for …` runs a hub and an enrolled agent on
 //! loopback, pushes its first sample messages through (it sends more every 3 s; 2 s is
-//! shorter, so exactly the first batch goes: three messages and a malformed one), reports where each went, and ends by itself.
+//! shorter, so exactly the first batch goes: three messages and a malformed one, and two
+//! appointments booked in the demo practice's SQLite database, captured as change events),
+//! reports where each went, and ends by itself.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,11 +26,14 @@ fn the_demo_delivers_its_samples_to_the_hub_and_the_lab_and_stops_by_itself() {
         "API key    opk_",
         "sender got AA for DEMO",
         "sender got AE for (no control id): malformed HL7 message",
-        "hub stored 3",
+        "hub stored 5",
         "lab received 3",
-        "agent sink vendor   delivered 3  pending 0  dead letters 0",
+        "agent sink vendor   delivered 5  pending 0  dead letters 0",
         "agent sink lab-out  delivered 3  pending 0  dead letters 0",
+        "agent sink events   delivered 2  pending 0  dead letters 0",
         "refused at intake and kept for inspection: 1",
+        "practice database: 2 change event(s)",
+        r#""table":"appointment""#,
     ] {
         assert!(
             stdout.contains(expected),

@@ -18,6 +18,8 @@ pub(super) struct Tracker {
     /// Snapshot rows queued since this start, per table.
     snapshot_rows: BTreeMap<String, u64>,
     last_commit_time: Option<String>,
+    /// When an event was last queued (for databases that give no commit time).
+    last_queued: Option<String>,
     lag: Option<Duration>,
     last_probe: Option<Instant>,
     progress: Progress,
@@ -30,6 +32,9 @@ impl Tracker {
             if event.op == Op::Snapshot {
                 *self.snapshot_rows.entry(event.table.clone()).or_default() += 1;
             }
+        }
+        if !events.is_empty() {
+            self.last_queued = OffsetDateTime::now_utc().format(&Rfc3339).ok();
         }
         let newest = events.iter().rev().find_map(|e| e.commit_time.as_deref());
         if let Some(commit_time) = newest {
@@ -67,13 +72,18 @@ impl Tracker {
         let mut parts = Vec::new();
         match self.lag {
             Some(lag) => parts.push(format!("lag {:.1} s", lag.as_secs_f64())),
+            None if self.last_queued.is_some() => {
+                parts.push("lag n/a (the database gives no commit times)".to_owned())
+            }
             None => parts.push("lag n/a (no change event yet)".to_owned()),
         }
         if let Some(bytes) = self.progress.bytes_behind {
             parts.push(format!("{bytes} WAL bytes behind"));
         }
-        if let Some(at) = &self.last_commit_time {
-            parts.push(format!("last event {at}"));
+        match (&self.last_commit_time, &self.last_queued) {
+            (Some(at), _) => parts.push(format!("last event {at}")),
+            (None, Some(at)) => parts.push(format!("last event queued {at}")),
+            (None, None) => {}
         }
         if self.progress.snapshotting {
             let tables: Vec<String> = self
