@@ -188,7 +188,7 @@ pub async fn run(run_for: Option<Duration>, data_dir: Option<PathBuf>) -> anyhow
             _ = signals::shutdown_requested() => break,
             _ = tokio::time::sleep(SEND_EVERY) => {
                 send_and_print(&mut sender, &samples::lab_result(&format!("DEMO{run_id}-{next}"), next)).await?;
-                if next % 2 == 0 {
+                if next.is_multiple_of(2) {
                     practice.book(booked, 1000 + booked, "2026-12-02T10:00:00Z", Some("booked online"))?;
                     booked += 1;
                 } else {

@@ -288,6 +288,12 @@ async fn check_all(config: &SqlConfig) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("source {}", source.name))
             }
+            Dialect::MariaDb => {
+                let password = source.config.password()?;
+                check::check_mysql(&source.config.url, password, &all)
+                    .await
+                    .with_context(|| format!("source {}", source.name))
+            }
             Dialect::Sqlite => Ok(check::sqlite_path(&source.config.url, &config.base)
                 .map(|path| check::check_sqlite(&path, &all))
                 .unwrap_or_default()),
@@ -314,6 +320,12 @@ async fn check_all(config: &SqlConfig) -> anyhow::Result<()> {
         let report = match needs.dialect {
             Dialect::Postgres => match sink.password() {
                 Ok(password) => check::check_postgres(&sink.url, password, &all)
+                    .await
+                    .with_context(|| format!("sink {}", sink.name)),
+                Err(err) => Err(err),
+            },
+            Dialect::MariaDb => match sink.password() {
+                Ok(password) => check::check_mysql(&sink.url, password, &all)
                     .await
                     .with_context(|| format!("sink {}", sink.name)),
                 Err(err) => Err(err),

@@ -4,8 +4,10 @@
 //! captured tables, writes no operation needs).
 //!
 //! PostgreSQL asks the server itself (`pg_roles`, `has_table_privilege`,
-//! `has_column_privilege`, `pg_has_role`); SQLite looks at the file. Other dialects are
-//! reported as not checked.
+//! `has_column_privilege`, `pg_has_role`); MariaDB/MySQL reads the account's own rows of
+//! `information_schema` (`USER_PRIVILEGES`, `SCHEMA_PRIVILEGES`, `TABLE_PRIVILEGES`,
+//! `COLUMN_PRIVILEGES`); SQLite looks at the file. Other dialects are reported as not
+//! checked.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::error::pg_message;
 use crate::grants::{Dialect, ReadTable, SinkNeeds, SourceNeeds, TableWrites};
-use crate::ident::{quote, split_qualified};
+use crate::ident::{quote, quote_mysql, split_qualified};
 use crate::{redact_url, SqlError};
 
 /// How bad a finding is.
@@ -594,9 +596,546 @@ pub fn sqlite_path(url: &str, base: &Path) -> Option<PathBuf> {
     })
 }
 
+/// What a MariaDB account must be able to do on one table (merged over the source and the
+/// sinks on the same account).
+#[derive(Debug, Clone, Default)]
+struct MyNeed {
+    /// `None`: nothing; `Some(None)`: the whole table; `Some(Some(columns))`: these columns.
+    select: Option<Option<BTreeSet<String>>>,
+    insert: Option<Option<BTreeSet<String>>>,
+    update: Option<Option<BTreeSet<String>>>,
+    delete: bool,
+}
+
+fn want_more(want: &mut Option<Option<BTreeSet<String>>>, more: Option<BTreeSet<String>>) {
+    *want = match (want.take(), more) {
+        (Some(None), _) | (_, None) => Some(None),
+        (Some(Some(mut had)), Some(more)) => {
+            had.extend(more);
+            Some(Some(had))
+        }
+        (None, Some(more)) => Some(Some(more)),
+    };
+}
+
+fn lower(columns: impl IntoIterator<Item = impl AsRef<str>>) -> BTreeSet<String> {
+    columns
+        .into_iter()
+        .map(|c| c.as_ref().to_lowercase())
+        .collect()
+}
+
+/// Privileges the account holds, read from `information_schema` (its own rows only).
+#[derive(Debug, Default)]
+struct MyGrants {
+    /// Server-wide (`ON *.*`): privilege, grantable.
+    global: Vec<(String, bool)>,
+    /// Database-wide (`ON db.*`): database, privilege, grantable.
+    schema: Vec<(String, String, bool)>,
+    /// Table: database, table, privilege, grantable.
+    table: Vec<(String, String, String, bool)>,
+    /// Column: database, table, column (lower case), privilege, grantable.
+    column: Vec<(String, String, String, String, bool)>,
+}
+
+/// Server-wide privileges change capture needs; MariaDB 10.5+ calls REPLICATION CLIENT
+/// BINLOG MONITOR.
+const MY_REPLICATION: [&str; 3] = ["REPLICATION SLAVE", "REPLICATION CLIENT", "BINLOG MONITOR"];
+
+impl MyGrants {
+    /// Whether `privilege` on the whole of `db`.`table` is held (at any level above columns).
+    fn whole(&self, privilege: &str, db: &str, table: &str) -> bool {
+        self.global.iter().any(|(p, _)| p == privilege)
+            || self
+                .schema
+                .iter()
+                .any(|(s, p, _)| p == privilege && s == db)
+            || self
+                .table
+                .iter()
+                .any(|(s, t, p, _)| p == privilege && s == db && t == table)
+    }
+
+    /// Columns of `db`.`table` with a column-level `privilege`.
+    fn columns(&self, privilege: &str, db: &str, table: &str) -> BTreeSet<String> {
+        self.column
+            .iter()
+            .filter(|(s, t, _, p, _)| p == privilege && s == db && t == table)
+            .map(|(_, _, c, _, _)| c.clone())
+            .collect()
+    }
+}
+
+fn my_err(context: &'static str) -> impl Fn(mysql_async::Error) -> SqlError {
+    move |err| SqlError::db(context, err)
+}
+
+/// Checks a MariaDB/MySQL account: `url` (`mysql://` or `mariadb://`; its password, if any,
+/// or `password`) against `needs`, from `information_schema`'s privilege tables.
+pub async fn check_mysql(
+    url: &str,
+    password: Option<String>,
+    needs: &Needs<'_>,
+) -> Result<CheckReport, SqlError> {
+    use mysql_async::prelude::Queryable;
+
+    let mut conn = my_connect(url, password).await?;
+    let mut report = CheckReport::default();
+    let current: String = conn
+        .query_first("SELECT CURRENT_USER()")
+        .await
+        .map_err(my_err("read the current user"))?
+        .unwrap_or_default();
+    let (user, host) = current.rsplit_once('@').unwrap_or((current.as_str(), "%"));
+    let literal = |text: &str| format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"));
+    let account = format!("{}@{}", literal(user), literal(host));
+    let grantee = format!("'{user}'@'{host}'");
+    let database = crate::grants::Account::of_url(url).database;
+
+    let unescape = |s: String| s.replace('\\', "");
+    let mut have = MyGrants::default();
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            "SELECT PRIVILEGE_TYPE, IS_GRANTABLE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = ?",
+            (grantee.clone(),),
+        )
+        .await
+        .map_err(my_err("read the server-wide privileges"))?;
+    have.global = rows
+        .into_iter()
+        .filter(|(p, _)| p != "USAGE")
+        .map(|(p, g)| (p, g == "YES"))
+        .collect();
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, PRIVILEGE_TYPE, IS_GRANTABLE FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = ?",
+            (grantee.clone(),),
+        )
+        .await
+        .map_err(my_err("read the database privileges"))?;
+    have.schema = rows
+        .into_iter()
+        .map(|(s, p, g)| (unescape(s), p, g == "YES"))
+        .collect();
+    let rows: Vec<(String, String, String, String)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, PRIVILEGE_TYPE, IS_GRANTABLE FROM information_schema.TABLE_PRIVILEGES WHERE GRANTEE = ?",
+            (grantee.clone(),),
+        )
+        .await
+        .map_err(my_err("read the table privileges"))?;
+    have.table = rows
+        .into_iter()
+        .map(|(s, t, p, g)| (s, t, p, g == "YES"))
+        .collect();
+    let rows: Vec<(String, String, String, String, String)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, PRIVILEGE_TYPE, IS_GRANTABLE FROM information_schema.COLUMN_PRIVILEGES WHERE GRANTEE = ?",
+            (grantee,),
+        )
+        .await
+        .map_err(my_err("read the column privileges"))?;
+    have.column = rows
+        .into_iter()
+        .map(|(s, t, c, p, g)| (s, t, c.to_lowercase(), p, g == "YES"))
+        .collect();
+
+    // What the config needs, per (database, table).
+    let mut wanted: Vec<((String, String), MyNeed)> = Vec::new();
+    let mut need_of = |name: &str| -> usize {
+        let (schema, table) = split_qualified(name);
+        let key = (schema.unwrap_or(&database).to_owned(), table.to_owned());
+        match wanted.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                wanted.push((key, MyNeed::default()));
+                wanted.len() - 1
+            }
+        }
+    };
+    let mut indexes = Vec::new();
+    if let Some(source) = needs.source {
+        for table in &source.tables {
+            let i = need_of(&table.name);
+            indexes.push((i, Some(table.columns.clone().map(lower)), None));
+        }
+    }
+    for writes in &needs.writes {
+        let i = need_of(&writes.table);
+        indexes.push((i, None, Some(*writes)));
+    }
+    for (i, select, writes) in indexes {
+        let need = &mut wanted[i].1;
+        if let Some(select) = select {
+            want_more(&mut need.select, select);
+        }
+        if let Some(w) = writes {
+            if !w.select.is_empty() {
+                want_more(&mut need.select, Some(lower(&w.select)));
+            }
+            if let Some(insert) = &w.insert {
+                want_more(&mut need.insert, insert.as_ref().map(lower));
+            }
+            if !w.update.is_empty() {
+                want_more(&mut need.update, Some(lower(&w.update)));
+            }
+            need.delete |= w.delete;
+        }
+    }
+
+    // Server-wide.
+    let global: BTreeSet<&str> = have.global.iter().map(|(p, _)| p.as_str()).collect();
+    let others: Vec<&str> = have
+        .global
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .filter(|p| !MY_REPLICATION.contains(p))
+        .collect();
+    let has_slave = global.contains("REPLICATION SLAVE");
+    let has_client = global.contains("REPLICATION CLIENT") || global.contains("BINLOG MONITOR");
+    if needs.source.is_some() {
+        for (has, privilege, why) in [
+            (has_slave, "REPLICATION SLAVE", "to read the binlog"),
+            (has_client, "REPLICATION CLIENT", "to read binlog positions"),
+        ] {
+            if has {
+                report.push(Severity::Ok, format!("{privilege} ON *.*"));
+            } else {
+                report.push(
+                    Severity::Missing,
+                    format!("{privilege}, needed {why} (GRANT {privilege} ON *.* TO {account};)"),
+                );
+            }
+        }
+    } else {
+        for (has, privilege) in [
+            (has_slave, "REPLICATION SLAVE"),
+            (has_client, "REPLICATION CLIENT"),
+        ] {
+            if has {
+                report.push(
+                    Severity::Excess,
+                    format!("{privilege} ON *.*: a write-back sink does not read the binlog (REVOKE {privilege} ON *.* FROM {account};)"),
+                );
+            }
+        }
+    }
+    let dangerous: Vec<&str> = ["SUPER", "FILE", "PROCESS", "SHUTDOWN", "CREATE USER"]
+        .into_iter()
+        .filter(|p| global.contains(p))
+        .collect();
+    let all = [
+        "SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER",
+    ]
+    .iter()
+    .all(|p| global.contains(p))
+        && !dangerous.is_empty();
+    if all {
+        report.push(
+            Severity::Excess,
+            format!(
+                "ALL PRIVILEGES ON *.* ({} server-wide privileges, among them {}) (REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}; then apply `outpost sql grants`)",
+                have.global.len(),
+                dangerous.join(", ")
+            ),
+        );
+    } else if !others.is_empty() {
+        report.push(
+            Severity::Excess,
+            format!(
+                "{} ON *.*: server-wide, beyond the replication rights (REVOKE {} ON *.* FROM {account};)",
+                others.join(", "),
+                others.join(", ")
+            ),
+        );
+    }
+    if have.global.iter().any(|(_, g)| *g) {
+        report.push(
+            Severity::Excess,
+            format!("GRANT OPTION ON *.* (REVOKE GRANT OPTION ON *.* FROM {account};)"),
+        );
+    }
+
+    // Database-wide: every table of the database, captured or not.
+    let mut schemas: Vec<&str> = have.schema.iter().map(|(s, _, _)| s.as_str()).collect();
+    schemas.dedup();
+    schemas.sort_unstable();
+    schemas.dedup();
+    for schema in schemas {
+        let privileges: Vec<&str> = have
+            .schema
+            .iter()
+            .filter(|(s, _, _)| s == schema)
+            .map(|(_, p, _)| p.as_str())
+            .collect();
+        let on = format!("{}.*", quote_mysql(schema));
+        report.push(
+            Severity::Excess,
+            format!(
+                "{} ON {on}: every table of the database, not only the configured ones (REVOKE {} ON {on} FROM {account};)",
+                privileges.join(", "),
+                privileges.join(", ")
+            ),
+        );
+        if have.schema.iter().any(|(s, _, g)| s == schema && *g) {
+            report.push(
+                Severity::Excess,
+                format!("GRANT OPTION ON {on} (REVOKE GRANT OPTION ON {on} FROM {account};)"),
+            );
+        }
+    }
+
+    // Configured tables: what is missing, and table or column grants beyond the need.
+    for ((db, table), need) in &wanted {
+        let on = format!("{}.{}", quote_mysql(db), quote_mysql(table));
+        let table_columns = my_table_columns(&mut conn, db, table).await?;
+        for (privilege, want) in [
+            ("SELECT", &need.select),
+            ("INSERT", &need.insert),
+            ("UPDATE", &need.update),
+        ] {
+            let whole = have.whole(privilege, db, table);
+            let columns = have.columns(privilege, db, table);
+            match want {
+                Some(None) if whole => report.push(Severity::Ok, format!("{privilege} ON {on}")),
+                Some(None) => report.push(
+                    Severity::Missing,
+                    format!("{privilege} ON {on} (or the table does not exist) (GRANT {privilege} ON {on} TO {account};)"),
+                ),
+                Some(Some(wanted)) => {
+                    let lacking: Vec<String> = if whole {
+                        Vec::new()
+                    } else {
+                        wanted.difference(&columns).cloned().collect()
+                    };
+                    let list = my_names(wanted.iter());
+                    if lacking.is_empty() {
+                        report.push(Severity::Ok, format!("{privilege} ({list}) ON {on}"));
+                    } else {
+                        let lacking = my_names(lacking.iter());
+                        report.push(
+                            Severity::Missing,
+                            format!("{privilege} ({lacking}) ON {on} (GRANT {privilege} ({lacking}) ON {on} TO {account};)"),
+                        );
+                    }
+                }
+                None => {}
+            }
+            // Table-level and column-level grants beyond the need (server- and
+            // database-wide ones are reported above).
+            let table_level = have
+                .table
+                .iter()
+                .any(|(s, t, p, _)| p == privilege && s == db && t == table);
+            let allowed: Option<&BTreeSet<String>> = match want {
+                Some(None) => continue,
+                Some(Some(wanted)) => Some(wanted),
+                None => None,
+            };
+            if table_level {
+                let extra: Vec<&String> = table_columns
+                    .iter()
+                    .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
+                    .collect();
+                if allowed.is_none() {
+                    report.push(
+                        Severity::Excess,
+                        format!("{privilege} ON {on}, which nothing in the config needs (REVOKE {privilege} ON {on} FROM {account};)"),
+                    );
+                } else if !extra.is_empty() || table_columns.is_empty() {
+                    let wanted = my_names(allowed.into_iter().flatten());
+                    report.push(
+                        Severity::Excess,
+                        format!(
+                            "{privilege} on the whole of {on}, also on {} (REVOKE {privilege} ON {on} FROM {account}; GRANT {privilege} ({wanted}) ON {on} TO {account};)",
+                            if extra.is_empty() { "columns the config does not name".to_owned() } else { my_names(extra.into_iter()) }
+                        ),
+                    );
+                }
+            }
+            let extra: Vec<String> = columns
+                .iter()
+                .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
+                .cloned()
+                .collect();
+            if !extra.is_empty() {
+                let extra = my_names(extra.iter());
+                report.push(
+                    Severity::Excess,
+                    format!("{privilege} ({extra}) ON {on}, which nothing in the config needs (REVOKE {privilege} ({extra}) ON {on} FROM {account};)"),
+                );
+            }
+        }
+        if need.delete {
+            if have.whole("DELETE", db, table) {
+                report.push(Severity::Ok, format!("DELETE ON {on}"));
+            } else {
+                report.push(
+                    Severity::Missing,
+                    format!("DELETE ON {on} (GRANT DELETE ON {on} TO {account};)"),
+                );
+            }
+        }
+        let mut extra: Vec<&str> = have
+            .table
+            .iter()
+            .filter(|(s, t, p, _)| {
+                s == db
+                    && t == table
+                    && !matches!(p.as_str(), "SELECT" | "INSERT" | "UPDATE")
+                    && !(p == "DELETE" && need.delete)
+            })
+            .map(|(_, _, p, _)| p.as_str())
+            .collect();
+        extra.extend(
+            have.column
+                .iter()
+                .filter(|(s, t, _, p, _)| s == db && t == table && p == "REFERENCES")
+                .map(|_| "REFERENCES"),
+        );
+        extra.dedup();
+        if !extra.is_empty() {
+            let list = extra.join(", ");
+            report.push(
+                Severity::Excess,
+                format!("{list} ON {on}, which nothing in the config needs (REVOKE {list} ON {on} FROM {account};)"),
+            );
+        }
+        let grantable = have
+            .table
+            .iter()
+            .any(|(s, t, _, g)| *g && s == db && t == table)
+            || have
+                .column
+                .iter()
+                .any(|(s, t, _, _, g)| *g && s == db && t == table);
+        if grantable {
+            report.push(
+                Severity::Excess,
+                format!("GRANT OPTION ON {on} (REVOKE GRANT OPTION ON {on} FROM {account};)"),
+            );
+        }
+    }
+
+    // Tables the config does not name.
+    let mut tables: Vec<(&str, &str)> = have
+        .table
+        .iter()
+        .map(|(s, t, _, _)| (s.as_str(), t.as_str()))
+        .chain(
+            have.column
+                .iter()
+                .map(|(s, t, _, _, _)| (s.as_str(), t.as_str())),
+        )
+        .filter(|(s, t)| !wanted.iter().any(|((ws, wt), _)| ws == s && wt == t))
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    for (db, table) in tables {
+        let on = format!("{}.{}", quote_mysql(db), quote_mysql(table));
+        let mut fixes = Vec::new();
+        let mut what = Vec::new();
+        let whole: Vec<&str> = have
+            .table
+            .iter()
+            .filter(|(s, t, _, _)| s == db && t == table)
+            .map(|(_, _, p, _)| p.as_str())
+            .collect();
+        if !whole.is_empty() {
+            let list = whole.join(", ");
+            fixes.push(format!("REVOKE {list} ON {on} FROM {account};"));
+            what.push(list);
+        }
+        let mut privileges: Vec<&str> = have
+            .column
+            .iter()
+            .filter(|(s, t, _, _, _)| s == db && t == table)
+            .map(|(_, _, _, p, _)| p.as_str())
+            .collect();
+        privileges.sort_unstable();
+        privileges.dedup();
+        for privilege in privileges {
+            let columns = my_names(have.columns(privilege, db, table).iter());
+            fixes.push(format!(
+                "REVOKE {privilege} ({columns}) ON {on} FROM {account};"
+            ));
+            what.push(format!("{privilege} ({columns})"));
+        }
+        report.push(
+            Severity::Excess,
+            format!(
+                "{} ON {on}, a table the config does not name ({})",
+                what.join(", "),
+                fixes.join(" ")
+            ),
+        );
+    }
+    if let Err(err) = conn.disconnect().await {
+        tracing::debug!(error = %err, "check connection ended");
+    }
+    Ok(report)
+}
+
+fn my_names<'a>(columns: impl Iterator<Item = &'a String>) -> String {
+    columns
+        .map(|c| quote_mysql(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The columns of `db`.`table` the account can see (lower case), in table order.
+async fn my_table_columns(
+    conn: &mut mysql_async::Conn,
+    db: &str,
+    table: &str,
+) -> Result<Vec<String>, SqlError> {
+    use mysql_async::prelude::Queryable;
+    let rows: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (db, table),
+        )
+        .await
+        .map_err(my_err("read the table's columns"))?;
+    Ok(rows.into_iter().map(|c| c.to_lowercase()).collect())
+}
+
+/// Connects like the MariaDB source does: `mariadb://` read as `mysql://`, TCP only, the
+/// password from the URL or `password`.
+async fn my_connect(url: &str, password: Option<String>) -> Result<mysql_async::Conn, SqlError> {
+    use mysql_async::{Conn, Opts, OptsBuilder};
+    let shown = redact_url(url);
+    let plain = match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    };
+    let opts = Opts::from_url(&plain).map_err(|_| SqlError::Connect {
+        url: shown.clone(),
+        message: "not a valid mysql:// URL".into(),
+    })?;
+    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
+    if let Some(password) = password {
+        builder = builder.pass(Some(password));
+    }
+    match tokio::time::timeout(Duration::from_secs(10), Conn::new(builder)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(SqlError::Connect {
+            url: shown,
+            message: err.to_string(),
+        }),
+        Err(_) => Err(SqlError::Connect {
+            url: shown,
+            message: "no answer within 10 s".into(),
+        }),
+    }
+}
+
 /// Whether `check` can look at this dialect yet.
 pub fn supported(dialect: Dialect) -> bool {
-    matches!(dialect, Dialect::Postgres | Dialect::Sqlite)
+    matches!(
+        dialect,
+        Dialect::Postgres | Dialect::Sqlite | Dialect::MariaDb
+    )
 }
 
 async fn connect(url: &str, password: Option<String>) -> Result<Client, SqlError> {

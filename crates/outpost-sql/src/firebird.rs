@@ -6,7 +6,8 @@
 //! URL: `firebird://user:password@host:port//absolute/path/db.fdb` (the database is the
 //! URL path after the first `/`: an absolute server path, `C:/…` on Windows, or an alias
 //! from `databases.conf`; see [`FbUrl`]). `mode = "cdc"` is the trigger capture below;
-//! `mode = "poll"` is not available for Firebird yet.
+//! `mode = "poll"` is the fallback that installs nothing: a watermark column plus a delete
+//! check, like SQLite's (`poll.rs`).
 //!
 //! Stream: every 200 ms a read-only `SNAPSHOT` transaction lists the transactions
 //! (`TX` = `CURRENT_TRANSACTION` of the writer) that have rows in `OUTPOST_CHANGES` for the
@@ -43,6 +44,7 @@
 
 mod conn;
 pub mod ddl;
+pub mod poll;
 pub mod value;
 
 use std::collections::{HashMap, HashSet};
@@ -120,7 +122,7 @@ impl FbSource {
     ) -> Result<FbSource, SqlError> {
         if config.mode == Mode::Poll {
             return Err(SqlError::Config(
-                "mode: \"poll\" is not available for Firebird yet; use mode = \"cdc\" (triggers installed by `outpost sql install-triggers`)".into(),
+                "mode: \"poll\" is opened by `firebird::poll::FbPoll` (as `outpost_sql::open` does); `FbSource` is the trigger capture".into(),
             ));
         }
         let stored = match resume {
@@ -619,6 +621,16 @@ fn key_of(table: &FbTable, row: &Row) -> Row {
 
 type Values = Vec<Option<Result<String, Vec<u8>>>>;
 
+/// The expressions that read a table's captured columns, in order, so that
+/// [`value::to_json`] maps them (the snapshot's and the poll mode's reads).
+fn select_list(table: &FbTable) -> Vec<String> {
+    table
+        .columns
+        .iter()
+        .map(|c| c.kind.select_expr(&quote(&c.name)))
+        .collect()
+}
+
 /// The next `limit` rows after `after` in key order, inside the open snapshot.
 fn read_chunk(
     conn: &mut FbConn,
@@ -626,11 +638,7 @@ fn read_chunk(
     after: Option<&[String]>,
     limit: u32,
 ) -> Result<Vec<Values>, SqlError> {
-    let select: Vec<String> = table
-        .columns
-        .iter()
-        .map(|c| c.kind.select_expr(&quote(&c.name)))
-        .collect();
+    let select = select_list(table);
     let keys: Vec<String> = table
         .key
         .iter()

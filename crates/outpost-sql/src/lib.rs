@@ -9,7 +9,8 @@
 //!
 //! - `postgres.rs`: logical decoding with the built-in `pgoutput` plugin through the SQL
 //!   functions, initial snapshot, heartbeat.
-//! - `sqlite.rs`: polling on a watermark column, plus a delete check.
+//! - `sqlite.rs`: polling on a watermark column, plus a delete check (`poll.rs`: the
+//!   state file and insert/update/delete decision it shares with Firebird's poll mode).
 //! - `mysql.rs`: MariaDB/MySQL binlog (row format) read as a replica, after a consistent
 //!   snapshot at the binlog position it saw.
 //!
@@ -27,6 +28,7 @@ pub mod ident;
 pub mod mssql;
 pub mod mysql;
 pub mod pgoutput;
+mod poll;
 pub mod postgres;
 pub mod sqlite;
 pub mod writeback;
@@ -102,6 +104,9 @@ pub async fn open(
         )),
         Target::Sqlite(path) => Ok(Box::new(
             sqlite::SqlitePoll::open(name, config, &path, state_dir).await?,
+        )),
+        Target::Firebird if config.mode == Mode::Poll => Ok(Box::new(
+            firebird::poll::FbPoll::open(name, config, state_dir).await?,
         )),
         Target::Firebird => Ok(Box::new(
             firebird::FbSource::open(name, config, resume).await?,

@@ -62,6 +62,9 @@ use crate::{Batch, ChangeEvent, ChangeSource, Op, Position, Row, SourceConfig, S
 /// How long a binlog connection may stay silent (the server sends a heartbeat every second
 /// when it has nothing else) before it is taken for dead.
 const SILENCE: Duration = Duration::from_secs(30);
+
+/// Events of several transactions handed out in one batch at most (see `gather_ready`).
+const MAX_GATHERED_EVENTS: usize = 2000;
 /// The heartbeat period asked of the server, in nanoseconds.
 const SERVER_HEARTBEAT_NANOS: u64 = 1_000_000_000;
 /// Connecting may take this long.
@@ -531,9 +534,41 @@ impl MySqlSource {
                 }
             };
             if let Some(batch) = self.handle(&event).await? {
-                return Ok(batch);
+                return self.gather_ready(batch).await;
             }
         }
+    }
+
+    /// Adds the transactions whose events have already arrived to `batch`, so that a busy
+    /// server costs one queue commit per read rather than one per transaction. Stops at the
+    /// first event not yet here; a transaction it began stays open for the next read.
+    async fn gather_ready(&mut self, mut batch: Batch) -> Result<Batch, SqlError> {
+        use futures::FutureExt;
+        while batch.events.len() < MAX_GATHERED_EVENTS {
+            let Some(stream) = self.stream.as_mut() else {
+                break;
+            };
+            let event = match stream.next().now_or_never() {
+                Some(Some(Ok(event))) => event,
+                Some(Some(Err(err))) => {
+                    // The batch so far ends at a commit; the next read reopens the stream
+                    // there (and reports the error if it persists).
+                    tracing::debug!(error = %err, "binlog stream failed after a batch; reopening on the next read");
+                    self.stream = None;
+                    break;
+                }
+                Some(None) => {
+                    self.stream = None;
+                    break;
+                }
+                None => break,
+            };
+            if let Some(more) = self.handle(&event).await? {
+                batch.events.extend(more.events);
+                batch.position = more.position;
+            }
+        }
+        Ok(batch)
     }
 
     /// Handles one binlog event; returns a batch at a transaction boundary when one is due.
@@ -715,9 +750,17 @@ impl MySqlSource {
             return Ok(());
         };
         let conn = self.query_conn().await?;
-        let fresh = read_columns(conn, &spec).await?;
+        let mut fresh = read_columns(conn, &spec).await?;
+        // Columns after the last one the user may read are hidden from it too (column
+        // grants): with a column list configured, the binlog's count stands for them.
+        if spec.wanted.is_some() && fresh.len() < count && known < count {
+            while fresh.len() < count {
+                fresh.push(hidden_column(fresh.len() + 1));
+            }
+        }
         let added: Vec<&str> = fresh
             .iter()
+            .filter(|c| !is_hidden(c))
             .filter(|c| !spec.columns.iter().any(|o| o.name == c.name))
             .map(|c| c.name.as_str())
             .collect();
@@ -727,12 +770,16 @@ impl MySqlSource {
             .filter(|c| !fresh.iter().any(|n| n.name == c.name))
             .map(|c| c.name.as_str())
             .collect();
-        tracing::warn!(
-            table = %spec.config_name,
-            ?added,
-            ?dropped,
-            "the table's columns changed; column names re-read from information_schema"
-        );
+        if added.is_empty() && dropped.is_empty() {
+            tracing::debug!(table = %spec.config_name, count, "columns the user may not read stand in for the rest of the binlog's");
+        } else {
+            tracing::warn!(
+                table = %spec.config_name,
+                ?added,
+                ?dropped,
+                "the table's columns changed; column names re-read from information_schema"
+            );
+        }
         if fresh.len() != count {
             return Err(SqlError::Table {
                 table: spec.config_name.clone(),
@@ -1009,9 +1056,10 @@ async fn check_server(conn: &mut Conn) -> Result<bool, SqlError> {
 /// A table's columns from `information_schema.COLUMNS`, in table order.
 async fn read_columns(conn: &mut Conn, table: &MyTable) -> Result<Vec<Column>, SqlError> {
     #[allow(clippy::type_complexity)]
-    let rows: Vec<(String, String, String, Option<String>, Option<u64>)> = conn
+    let rows: Vec<(String, String, String, Option<String>, Option<u64>, u64)> = conn
         .exec(
-            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH \
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH, \
+             ORDINAL_POSITION \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
              ORDER BY ORDINAL_POSITION",
             (table.database.as_str(), table.name.as_str()),
@@ -1035,20 +1083,41 @@ async fn read_columns(conn: &mut Conn, table: &MyTable) -> Result<Vec<Column>, S
             });
         }
     }
-    Ok(rows
-        .into_iter()
-        .map(|(name, data_type, column_type, charset, octets)| {
-            let captured = table
-                .wanted
-                .as_ref()
-                .is_none_or(|w| w.contains(&name) || table.key.contains(&name));
-            Column {
-                kind: Kind::from_schema(&data_type, &column_type, charset.as_deref(), octets),
-                name,
-                captured,
-            }
-        })
-        .collect())
+    // A user granted SELECT on some columns only (what `outpost sql grants` prints when the
+    // config lists columns) does not see the others in information_schema, but the binlog
+    // carries every column: hidden ones become uncaptured placeholders at their positions,
+    // so the visible ones keep theirs.
+    let mut columns = Vec::with_capacity(rows.len());
+    for (name, data_type, column_type, charset, octets, ordinal) in rows {
+        let ordinal = usize::try_from(ordinal).unwrap_or(usize::MAX);
+        while columns.len() + 1 < ordinal {
+            columns.push(hidden_column(columns.len() + 1));
+        }
+        let captured = table
+            .wanted
+            .as_ref()
+            .is_none_or(|w| w.contains(&name) || table.key.contains(&name));
+        columns.push(Column {
+            kind: Kind::from_schema(&data_type, &column_type, charset.as_deref(), octets),
+            name,
+            captured,
+        });
+    }
+    Ok(columns)
+}
+
+/// Whether a column is a stand-in for one the user may not read.
+fn is_hidden(column: &Column) -> bool {
+    !column.captured && column.name.starts_with('#')
+}
+
+/// A column the user may not read (column-level grants): never captured.
+fn hidden_column(ordinal: usize) -> Column {
+    Column {
+        name: format!("#{ordinal}"),
+        kind: Kind::Binary { pad: None },
+        captured: false,
+    }
 }
 
 /// Starts the snapshot transaction and returns the binlog position it corresponds to.
@@ -1119,7 +1188,18 @@ async fn read_chunk(
     after: Option<&[KeyValue]>,
     limit: u32,
 ) -> Result<Vec<mysql_async::Row>, SqlError> {
-    let select: Vec<String> = table.columns.iter().map(|c| quote_mysql(&c.name)).collect();
+    // A column the user may not read is selected as NULL, so positions stay aligned.
+    let select: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| {
+            if is_hidden(c) {
+                "NULL".to_owned()
+            } else {
+                quote_mysql(&c.name)
+            }
+        })
+        .collect();
     let keys: Vec<String> = table.key.iter().map(|k| quote_mysql(k)).collect();
     let mut sql = format!("SELECT {} FROM {}", select.join(", "), table.quoted());
     let mut params = Vec::new();

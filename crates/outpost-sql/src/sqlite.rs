@@ -19,15 +19,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags};
 use serde_json::Value;
 
 use crate::event::sqlite_to_json;
 use crate::ident::{quote, quote_qualified};
-use crate::{Batch, ChangeEvent, ChangeSource, Op, Position, Row, SourceConfig, SqlError};
+use crate::poll::{blocking, create_state, key_text, open_state, Pending, TableLook};
+use crate::{Batch, ChangeEvent, ChangeSource, Position, Row, SourceConfig, SqlError};
 
 /// The state file's name inside the source's state folder.
-pub const STATE_FILE: &str = "poll-state.db";
+pub use crate::poll::STATE_FILE;
 
 #[derive(Debug, Clone)]
 struct PollTable {
@@ -35,23 +36,6 @@ struct PollTable {
     key: Vec<String>,
     columns: Option<Vec<String>>,
     watermark: String,
-}
-
-/// What committing a batch changes in the state file.
-#[derive(Debug, Clone, Default)]
-struct Pending {
-    position: String,
-    tables: Vec<TableChange>,
-}
-
-#[derive(Debug, Clone)]
-struct TableChange {
-    table: String,
-    watermark: Option<SqlValue>,
-    /// The table was looked at for the first time.
-    first: bool,
-    added: Vec<String>,
-    removed: Vec<String>,
 }
 
 /// A polling SQLite source.
@@ -101,11 +85,7 @@ impl SqlitePoll {
             source.tables.clone(),
         );
         blocking(move || {
-            std::fs::create_dir_all(&state_dir).map_err(|err| SqlError::State {
-                path: state_dir.clone(),
-                message: err.to_string(),
-            })?;
-            open_state(&state_path)?;
+            create_state(&state_dir, &state_path)?;
             let db = open_source(&db_path)?;
             for table in &tables {
                 let columns = table_columns(&db, table)?;
@@ -130,14 +110,6 @@ impl SqlitePoll {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SqlError> + Send + 'static,
-) -> Result<T, SqlError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|err| SqlError::Task(err.to_string()))?
-}
-
 fn open_source(path: &Path) -> Result<Connection, SqlError> {
     let db = Connection::open_with_flags(
         path,
@@ -149,28 +121,6 @@ fn open_source(path: &Path) -> Result<Connection, SqlError> {
     })?;
     db.busy_timeout(Duration::from_secs(10))
         .map_err(|err| SqlError::db("set the busy timeout", err))?;
-    Ok(db)
-}
-
-fn open_state(path: &Path) -> Result<Connection, SqlError> {
-    let fail = |err: rusqlite::Error| SqlError::State {
-        path: path.to_owned(),
-        message: err.to_string(),
-    };
-    let db = Connection::open(path).map_err(fail)?;
-    db.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         CREATE TABLE IF NOT EXISTS watermark (tbl TEXT PRIMARY KEY, value);
-         CREATE TABLE IF NOT EXISTS keys (tbl TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID;",
-    )
-    .map_err(fail)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Keys may be patient numbers: the file is the agent's alone.
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
     Ok(db)
 }
 
@@ -194,10 +144,6 @@ fn poll(
     tables: &[PollTable],
 ) -> Result<(Vec<ChangeEvent>, Pending), SqlError> {
     let state = open_state(state_path)?;
-    let state_err = |err: rusqlite::Error| SqlError::State {
-        path: state_path.to_owned(),
-        message: err.to_string(),
-    };
     let mut db = open_source(db_path)?;
     let tx = db
         .transaction()
@@ -206,32 +152,13 @@ fn poll(
     let mut pending = Pending::default();
     let mut position = BTreeMap::new();
     for table in tables {
-        // Outer None: never looked at; inner None: looked at, was empty.
-        let seen: Option<Option<SqlValue>> = state
-            .query_row(
-                "SELECT value FROM watermark WHERE tbl = ?1",
-                [&table.config_name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(state_err)?;
-        let first = seen.is_none();
-        let last = seen.flatten().filter(|v| *v != SqlValue::Null);
-        let mut known: HashSet<String> = {
-            let mut stmt = state
-                .prepare("SELECT key FROM keys WHERE tbl = ?1")
-                .map_err(state_err)?;
-            let rows = stmt
-                .query_map([&table.config_name], |r| r.get::<_, String>(0))
-                .map_err(state_err)?;
-            rows.collect::<Result<_, _>>().map_err(state_err)?
-        };
+        let mut look = TableLook::load(&state, state_path, name, &table.config_name)?;
         let read_err =
             |err: rusqlite::Error| SqlError::db(format!("read table {}", table.config_name), err);
         let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
         let wm = quote(&table.watermark);
         let mut sql = format!("SELECT * FROM {}", quote_qualified(&table.config_name));
-        if last.is_some() {
+        if look.last().is_some() {
             sql.push_str(&format!(" WHERE {wm} > ?1"));
         }
         sql.push_str(&format!(" ORDER BY {wm}, {}", keys.join(", ")));
@@ -244,18 +171,11 @@ fn poll(
                 table: table.config_name.clone(),
                 message: format!("has no column {:?}", table.watermark),
             })?;
-        let mut rows = match &last {
+        let mut rows = match look.last() {
             Some(last) => stmt.query(params![last]),
             None => stmt.query([]),
         }
         .map_err(read_err)?;
-        let mut change = TableChange {
-            table: table.config_name.clone(),
-            watermark: None,
-            first,
-            added: Vec::new(),
-            removed: Vec::new(),
-        };
         while let Some(row) = rows.next().map_err(read_err)? {
             let mut after = Row::new();
             for (i, column) in names.iter().enumerate() {
@@ -274,34 +194,12 @@ fn poll(
                 .iter()
                 .map(|k| (k.clone(), after.get(k).cloned().unwrap_or(Value::Null)))
                 .collect();
-            let key_text = serde_json::to_string(&key).unwrap_or_default();
-            let op = if first {
-                Op::Snapshot
-            } else if known.contains(&key_text) {
-                Op::Update
-            } else {
-                Op::Insert
-            };
-            if known.insert(key_text.clone()) {
-                change.added.push(key_text);
-            }
-            events.push(ChangeEvent {
-                source: name.to_owned(),
-                table: table.config_name.clone(),
-                op,
-                key: key.clone(),
-                before: (op == Op::Update).then_some(key),
-                after: Some(after),
-                position: Some(watermark_text(&watermark)),
-                tx: None,
-                commit_time: None,
-                id: None,
-            });
-            change.watermark = Some(watermark);
+            let shown = watermark_text(&watermark);
+            events.push(look.row(key, after, Some(watermark), Some(shown)));
         }
         drop(rows);
         drop(stmt);
-        if !first {
+        if !look.is_first() {
             let sql = format!(
                 "SELECT {} FROM {}",
                 keys.join(", "),
@@ -315,38 +213,13 @@ fn poll(
                 for (i, k) in table.key.iter().enumerate() {
                     key.insert(k.clone(), sqlite_to_json(row.get_ref(i).map_err(read_err)?));
                 }
-                present.insert(serde_json::to_string(&key).unwrap_or_default());
+                present.insert(key_text(&key));
             }
-            let mut gone: Vec<&String> = known.difference(&present).collect();
-            gone.sort();
-            for key_text in gone {
-                let key: Row = serde_json::from_str(key_text).unwrap_or_default();
-                events.push(ChangeEvent {
-                    source: name.to_owned(),
-                    table: table.config_name.clone(),
-                    op: Op::Delete,
-                    key: key.clone(),
-                    before: Some(key),
-                    after: None,
-                    position: None,
-                    tx: None,
-                    commit_time: None,
-                    id: None,
-                });
-                change.removed.push(key_text.clone());
-            }
+            events.extend(look.deletes(&present));
         }
-        let watermark = change.watermark.clone().or(last);
-        change.watermark = watermark.clone();
-        position.insert(
-            table.config_name.clone(),
-            watermark
-                .as_ref()
-                .map_or(Value::Null, |w| Value::String(watermark_text(w))),
-        );
-        pending.tables.push(change);
+        look.finish(&mut position, &mut pending, watermark_text);
     }
-    pending.position = serde_json::to_string(&position).unwrap_or_default();
+    pending.position = crate::poll::position_text(&position);
     Ok((events, pending))
 }
 
@@ -358,41 +231,6 @@ fn watermark_text(value: &SqlValue) -> String {
         SqlValue::Text(t) => t.clone(),
         SqlValue::Blob(b) => hex::encode(b),
     }
-}
-
-fn apply(state_path: &Path, pending: &Pending) -> Result<(), SqlError> {
-    let state_err = |err: rusqlite::Error| SqlError::State {
-        path: state_path.to_owned(),
-        message: err.to_string(),
-    };
-    let mut state = open_state(state_path)?;
-    let tx = state.transaction().map_err(state_err)?;
-    for change in &pending.tables {
-        if change.watermark.is_some() || change.first {
-            let watermark = change.watermark.clone().unwrap_or(SqlValue::Null);
-            tx.execute(
-                "INSERT INTO watermark (tbl, value) VALUES (?1, ?2)
-                 ON CONFLICT (tbl) DO UPDATE SET value = excluded.value",
-                params![change.table, watermark],
-            )
-            .map_err(state_err)?;
-        }
-        for key in &change.added {
-            tx.execute(
-                "INSERT OR IGNORE INTO keys (tbl, key) VALUES (?1, ?2)",
-                params![change.table, key],
-            )
-            .map_err(state_err)?;
-        }
-        for key in &change.removed {
-            tx.execute(
-                "DELETE FROM keys WHERE tbl = ?1 AND key = ?2",
-                params![change.table, key],
-            )
-            .map_err(state_err)?;
-        }
-    }
-    tx.commit().map_err(state_err)
 }
 
 #[async_trait::async_trait]
@@ -407,7 +245,7 @@ impl ChangeSource for SqlitePoll {
             );
             let (events, pending) =
                 blocking(move || poll(&name, &db_path, &state_path, &tables)).await?;
-            if events.is_empty() && !pending.tables.iter().any(|t| t.first) {
+            if !pending.worth_a_batch(&events) {
                 // Nothing changed: a table seen for the first time and empty still has
                 // nothing to record; look again later.
                 tokio::time::sleep(self.interval).await;
@@ -420,15 +258,6 @@ impl ChangeSource for SqlitePoll {
     }
 
     async fn committed(&mut self, position: &Position) -> Result<(), SqlError> {
-        let Some(pending) = self.pending.take() else {
-            return Ok(());
-        };
-        if pending.position != position.0 {
-            return Err(SqlError::Position(
-                "committed a position this source did not hand out last".into(),
-            ));
-        }
-        let state_path = self.state_path.clone();
-        blocking(move || apply(&state_path, &pending)).await
+        crate::poll::commit(&mut self.pending, &self.state_path, position).await
     }
 }

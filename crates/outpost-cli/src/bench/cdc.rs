@@ -1,17 +1,22 @@
-//! `outpost bench cdc`: PostgreSQL 15 (the project's own `peers/start-postgres.sh`, on
-//! loopback, in a temporary folder) captured by a real agent in a child process (`kind =
-//! "sql"` source, jsonl sink).
+//! `outpost bench cdc`: PostgreSQL 15 and then MariaDB 10.11 (the project's own
+//! `peers/start-postgres.sh` and `peers/start-mariadb.sh`, on loopback, each in its own
+//! temporary folder and on a free port) captured by a real agent in a child process (`kind =
+//! "sql"` source, jsonl sink). `--databases` (`postgres,mariadb`, the default) picks the
+//! rounds.
 //!
 //! - Snapshot: an N-row table read by the agent's snapshot, from the first row committed to
-//!   the agent's queue to the last (`received_at` of the queue's items), beside `COPY … TO
-//!   STDOUT` of the same table on one connection as the reference.
+//!   the agent's queue to the last (`received_at` of the queue's items), beside a reference
+//!   read of the same table on one connection: `COPY … TO STDOUT` (PostgreSQL), and for
+//!   MariaDB (where `SELECT … INTO OUTFILE` needs the FILE privilege) `SELECT * FROM` the
+//!   table streamed whole through mysql_async's text protocol, every row to this process.
 //! - Stream: one writer commits single-row inserts at a steady rate for a bounded time;
 //!   each commit's wall-clock time is recorded as the commit returns. The queue's items are
 //!   in commit order, so the i-th stream item is the i-th insert: latency is its
 //!   `received_at` (the queue's commit, in milliseconds) minus the commit time.
 //!
-//! The peer recipe runs PostgreSQL with `fsync = off`, so the database's commits are cheap;
-//! the agent's queue fsyncs as always.
+//! The peer recipes run PostgreSQL with `fsync = off` and MariaDB with
+//! `innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`, so the database's commits are
+//! cheap; the agent's queue fsyncs as always.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -26,6 +31,7 @@ use super::{free_loopback_addr, stop, tail};
 const START_POSTGRES: &str = include_str!("../../../../peers/start-postgres.sh");
 const STOP_PEER: &str = include_str!("../../../../peers/stop-peer.sh");
 const COMMON: &str = include_str!("../../../../peers/common.sh");
+const START_MARIADB: &str = include_str!("../../../../peers/start-mariadb.sh");
 
 /// The source's name in the agent config (and in the queue's `source` column).
 const SOURCE: &str = "bench";
@@ -46,15 +52,7 @@ struct Postgres {
 
 impl Postgres {
     fn start(work: &Path) -> anyhow::Result<Postgres> {
-        let peers = work.join("peers");
-        std::fs::create_dir_all(&peers)?;
-        for (name, text) in [
-            ("start-postgres.sh", START_POSTGRES),
-            ("stop-peer.sh", STOP_PEER),
-            ("common.sh", COMMON),
-        ] {
-            std::fs::write(peers.join(name), text)?;
-        }
+        let peers = write_peers(work)?;
         let data = work.join("pgdata");
         std::fs::create_dir_all(&data)?;
         // The server runs as the `postgres` user: it must be able to reach its folder.
@@ -94,6 +92,97 @@ impl Drop for Postgres {
             .arg("postgres")
             .arg(&self.data)
             .output();
+    }
+}
+
+/// The peer recipes, copied into `work/peers`.
+fn write_peers(work: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let peers = work.join("peers");
+    std::fs::create_dir_all(&peers)?;
+    for (name, text) in [
+        ("start-postgres.sh", START_POSTGRES),
+        ("start-mariadb.sh", START_MARIADB),
+        ("stop-peer.sh", STOP_PEER),
+        ("common.sh", COMMON),
+    ] {
+        std::fs::write(peers.join(name), text)?;
+    }
+    Ok(peers)
+}
+
+/// MariaDB started by the peer recipe under `work`, stopped on drop.
+struct Mariadb {
+    peers: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+}
+
+impl Mariadb {
+    fn start(work: &Path) -> anyhow::Result<Mariadb> {
+        let peers = write_peers(work)?;
+        let data = work.join("mariadb-data");
+        std::fs::create_dir_all(&data)?;
+        // The server runs as the `mysql` user: it must be able to reach its folder.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [work, data.as_path()] {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        let port = free_loopback_addr()?.port();
+        let out = Command::new("bash")
+            .arg(peers.join("start-mariadb.sh"))
+            .arg(&data)
+            .env("MARIADB_PORT", port.to_string())
+            .output()
+            .context("running peers/start-mariadb.sh")?;
+        if !out.status.success() {
+            bail!(
+                "peers/start-mariadb.sh failed (it needs root and mariadb-server): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Mariadb { peers, data, port })
+    }
+
+    /// root on loopback (the recipe gives it no password).
+    fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/peerdb", self.port)
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(self.peers.join("stop-peer.sh"))
+            .arg("mariadb")
+            .arg(&self.data)
+            .output();
+    }
+}
+
+/// The connection that commits the stream's single-row transactions.
+enum Writer<'a> {
+    Postgres(&'a tokio_postgres::Client, tokio_postgres::Statement),
+    Mariadb(mysql_async::Conn),
+}
+
+impl Writer<'_> {
+    /// Inserts row `n` into `bench_stream` in a transaction of its own (autocommit).
+    async fn insert(&mut self, n: i64) -> anyhow::Result<()> {
+        match self {
+            Writer::Postgres(client, statement) => {
+                client.execute(&*statement, &[&n]).await?;
+            }
+            Writer::Mariadb(conn) => {
+                use mysql_async::prelude::Queryable;
+                conn.exec_drop("INSERT INTO bench_stream (id, note) VALUES (?, 'x')", (n,))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -189,8 +278,87 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Runs the benchmark and prints its figures.
-pub async fn run(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<()> {
+/// Runs the benchmark on `databases` (comma-separated: `postgres`, `mariadb`), in that
+/// order, and prints the figures, the last line holding all of them.
+pub async fn run(rate: u32, seconds: u64, rows: u64, databases: &str) -> anyhow::Result<()> {
+    let mut postgres = false;
+    let mut mariadb = false;
+    for name in databases
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        match name.to_ascii_lowercase().as_str() {
+            "postgres" | "postgresql" | "pg" => postgres = true,
+            "mariadb" | "mysql" => mariadb = true,
+            other => bail!("--databases: {other:?} is not one of postgres, mariadb"),
+        }
+    }
+    if !postgres && !mariadb {
+        bail!("--databases: name postgres, mariadb or both");
+    }
+    let mut parts = Vec::new();
+    if postgres {
+        parts.push(postgres_round(rate, seconds, rows).await?);
+    }
+    if mariadb {
+        parts.push(mariadb_round(rate, seconds, rows).await?);
+    }
+    println!("cdc: {}", parts.join(" | "));
+    Ok(())
+}
+
+/// Starts the agent on `url` in `work`, measures, stops it.
+async fn agent_round(
+    work: &Path,
+    url: &str,
+    writer: &mut Writer<'_>,
+    rate: u32,
+    seconds: u64,
+    rows: u64,
+) -> anyhow::Result<Figures> {
+    let config = work.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[[source]]\nname = \"{SOURCE}\"\nkind = \"sql\"\nurl = \"{url}\"\nmode = \"cdc\"\n\
+             tables = [ {{ name = \"bench_snap\", key = [\"id\"] }}, {{ name = \"bench_stream\", key = [\"id\"] }} ]\n\
+             [[sink]]\nname = \"out\"\nkind = \"jsonl\"\npath = \"events.jsonl\"\n[[route]]\nfrom = \"{SOURCE}\"\nto = [\"out\"]\n"
+        ),
+    )?;
+    let log = work.join("agent.log");
+    let mut agent = Command::new(std::env::current_exe()?)
+        .args(["--log", "warn", "agent", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting the agent")?;
+    let queue = work.join("data").join(outpost_queue::QUEUE_FILE);
+    let result = measure(writer, &queue, &mut agent, rate, seconds, rows).await;
+    stop(&mut agent);
+    result.with_context(|| format!("agent log: {}", tail(&log)))
+}
+
+fn print_stream(figures: &Figures, rows: u64) {
+    println!(
+        "agent snapshot: {rows} rows queued in {:.2} s (first to last row committed to the queue)",
+        figures.snapshot_secs
+    );
+    println!(
+        "agent stream: {} inserts committed in {:.1} s ({:.0}/s achieved); all queued; latency commit -> queue p50 {} ms p90 {} ms p99 {} ms max {} ms",
+        figures.writes,
+        figures.write_secs,
+        figures.writes as f64 / figures.write_secs.max(1e-6),
+        figures.p50,
+        figures.p90,
+        figures.p99,
+        figures.max
+    );
+}
+
+async fn postgres_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<String> {
     let work = tempfile::tempdir()?;
     eprintln!("starting PostgreSQL 15 with peers/start-postgres.sh…");
     let pg = Postgres::start(work.path())?;
@@ -227,59 +395,102 @@ pub async fn run(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<()> {
         bail!("COPY gave {copy_rows} rows of {rows}");
     }
 
-    let config = work.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"data\"\n[[source]]\nname = \"{SOURCE}\"\nkind = \"sql\"\nurl = \"{}\"\nmode = \"cdc\"\n\
-             tables = [ {{ name = \"bench_snap\", key = [\"id\"] }}, {{ name = \"bench_stream\", key = [\"id\"] }} ]\n\
-             [[sink]]\nname = \"out\"\nkind = \"jsonl\"\npath = \"events.jsonl\"\n[[route]]\nfrom = \"{SOURCE}\"\nto = [\"out\"]\n",
-            pg.url()
-        ),
-    )?;
-    let log = work.path().join("agent.log");
-    let mut agent = Command::new(std::env::current_exe()?)
-        .args(["--log", "warn", "agent", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("starting the agent")?;
-    let queue = work.path().join("data").join(outpost_queue::QUEUE_FILE);
-    let result = measure(&client, &queue, &mut agent, rate, seconds, rows).await;
-    stop(&mut agent);
-    let figures = result.with_context(|| format!("agent log: {}", tail(&log)))?;
+    let insert = client
+        .prepare("INSERT INTO bench_stream (id, note) VALUES ($1, 'x')")
+        .await?;
+    let mut writer = Writer::Postgres(&client, insert);
+    let figures = agent_round(work.path(), &pg.url(), &mut writer, rate, seconds, rows).await?;
 
     let copy_rate = copy_rows as f64 / copy_secs.max(1e-6);
     println!(
         "COPY bench_snap TO STDOUT: {copy_rows} rows, {:.1} MB in {copy_secs:.2} s",
         copy_bytes as f64 / 1e6
     );
-    println!(
-        "agent snapshot: {rows} rows queued in {:.2} s (first to last row committed to the queue)",
-        figures.snapshot_secs
-    );
-    println!(
-        "agent stream: {} inserts committed in {:.1} s ({:.0}/s achieved); all queued; latency commit -> queue p50 {} ms p90 {} ms p99 {} ms max {} ms",
-        figures.writes,
-        figures.write_secs,
-        figures.writes as f64 / figures.write_secs.max(1e-6),
-        figures.p50,
-        figures.p90,
-        figures.p99,
-        figures.max
-    );
+    print_stream(&figures, rows);
     let snapshot_rate = rows as f64 / figures.snapshot_secs.max(1e-3);
-    println!(
-        "cdc: postgres {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs COPY {:.0} rows/s | ratio {:.2}",
+    Ok(format!(
+        "postgres {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs COPY {:.0} rows/s | ratio {:.2}",
         figures.p50,
         figures.p99,
         snapshot_rate,
         copy_rate,
         snapshot_rate / copy_rate.max(1e-6)
+    ))
+}
+
+async fn mariadb_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<String> {
+    use mysql_async::prelude::Queryable;
+
+    let work = tempfile::tempdir()?;
+    eprintln!("starting MariaDB 10.11 with peers/start-mariadb.sh…");
+    let db = Mariadb::start(work.path())?;
+    let opts = mysql_async::Opts::from_url(&db.url())
+        .map_err(|err| anyhow::anyhow!("the bench MariaDB URL: {err}"))?;
+    let mut conn = mysql_async::Conn::new(opts.clone())
+        .await
+        .context("connect to the bench MariaDB")?;
+    conn.query_drop(format!(
+        "DROP TABLE IF EXISTS bench_snap, bench_stream;
+         CREATE TABLE bench_snap (id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL,
+                                  amount DECIMAL(12,2), born DATE, created DATETIME(6) NOT NULL);
+         INSERT INTO bench_snap SELECT seq, CONCAT('Patient ', seq), (seq % 10000) / 100.0,
+                DATE '1950-01-01' + INTERVAL (seq % 20000) DAY, NOW(6) FROM seq_1_to_{rows};
+         CREATE TABLE bench_stream (id BIGINT PRIMARY KEY, note TEXT);
+         ANALYZE TABLE bench_snap;"
+    ))
+    .await
+    .context("create the bench tables")?;
+
+    // The reference: the whole table streamed to this process over one connection.
+    let started = Instant::now();
+    let mut dump_rows = 0u64;
+    let mut dump_bytes = 0usize;
+    {
+        let mut result = conn
+            .query_iter("SELECT * FROM bench_snap")
+            .await
+            .context("SELECT * FROM bench_snap")?;
+        let mut stream = result
+            .stream::<mysql_async::Row>()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("SELECT * FROM bench_snap returned no result set"))?;
+        while let Some(row) = stream.next().await {
+            let row = row?;
+            dump_rows += 1;
+            dump_bytes += (0..row.len())
+                .map(|i| match row.as_ref(i) {
+                    Some(mysql_async::Value::Bytes(b)) => b.len() + 1,
+                    _ => 1,
+                })
+                .sum::<usize>();
+        }
+    }
+    let dump_secs = started.elapsed().as_secs_f64();
+    if dump_rows != rows {
+        bail!("SELECT * gave {dump_rows} rows of {rows}");
+    }
+
+    let mut writer = Writer::Mariadb(conn);
+    let figures = agent_round(work.path(), &db.url(), &mut writer, rate, seconds, rows).await?;
+    if let Writer::Mariadb(conn) = writer {
+        let _ = conn.disconnect().await;
+    }
+
+    let dump_rate = dump_rows as f64 / dump_secs.max(1e-6);
+    println!(
+        "MariaDB dump reference (SELECT * FROM bench_snap streamed by mysql_async, text protocol): {dump_rows} rows, {:.1} MB in {dump_secs:.2} s",
+        dump_bytes as f64 / 1e6
     );
-    Ok(())
+    print_stream(&figures, rows);
+    let snapshot_rate = rows as f64 / figures.snapshot_secs.max(1e-3);
+    Ok(format!(
+        "mariadb {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs dump (SELECT * via mysql_async) {:.0} rows/s | ratio {:.2}",
+        figures.p50,
+        figures.p99,
+        snapshot_rate,
+        dump_rate,
+        snapshot_rate / dump_rate.max(1e-6)
+    ))
 }
 
 struct Figures {
@@ -293,7 +504,7 @@ struct Figures {
 }
 
 async fn measure(
-    client: &tokio_postgres::Client,
+    writer: &mut Writer<'_>,
     queue: &Path,
     agent: &mut std::process::Child,
     rate: u32,
@@ -320,9 +531,6 @@ async fn measure(
 
     eprintln!("writing {rate} changes/s for {seconds} s…");
     let total = (u64::from(rate) * seconds) as usize;
-    let insert = client
-        .prepare("INSERT INTO bench_stream (id, note) VALUES ($1, 'x')")
-        .await?;
     let progress = bar(total as u64, "written");
     let mut commits = Vec::with_capacity(total);
     let started = Instant::now();
@@ -332,7 +540,7 @@ async fn measure(
         if due > now {
             tokio::time::sleep(due - now).await;
         }
-        client.execute(&insert, &[&(n as i64)]).await?;
+        writer.insert(n as i64).await?;
         commits.push(now_ms());
         progress.inc(1);
     }

@@ -131,6 +131,9 @@ pub enum BenchTarget {
         /// Rows of the snapshot table.
         #[arg(long, default_value_t = 200_000)]
         rows: u64,
+        /// Which databases, comma-separated.
+        #[arg(long, default_value = "postgres,mariadb")]
+        databases: String,
     },
     /// Agent queue to the hub's store: messages/s, and latency from MLLP in to visible in
     /// the data API.
@@ -165,7 +168,8 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             rate,
             seconds,
             rows,
-        } => cdc::run(rate, seconds, rows).await,
+            databases,
+        } => cdc::run(rate, seconds, rows, &databases).await,
         BenchTarget::Dicom {
             instances,
             size,

@@ -130,7 +130,7 @@ pub fn event_name(stored: &str) -> String {
 
 /// Whether a name from the config names the stored name: exactly, or case-insensitively
 /// when the stored name is an unquoted (upper-case) identifier.
-fn names(config: &str, stored: &str) -> bool {
+pub(crate) fn names(config: &str, stored: &str) -> bool {
     config == stored || (event_name(stored) != stored && config.to_ascii_uppercase() == stored)
 }
 
