@@ -13,10 +13,11 @@
 //! Skipped, with a `SKIPPED` line, when `OUTPOST_PEERS=skip`.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use outpost_testkit::jsonl::read_events;
 use outpost_testkit::{
     describe_output, free_port, peers_dir, skip_postgres_tests, wait_until_explained,
     workspace_root, Agent, PgDatabase,
@@ -136,14 +137,6 @@ to = ["events"]
     )
 }
 
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// Waits until every key in `keys` has an event with `op` in the file.
 fn wait_for_keys(agent: &Agent, op: &str, keys: &[i64], what: &str) -> Vec<Value> {
     let file = agent.dir().join("events.jsonl");
@@ -151,7 +144,7 @@ fn wait_for_keys(agent: &Agent, op: &str, keys: &[i64], what: &str) -> Vec<Value
         Duration::from_secs(120),
         what,
         || {
-            let all = events(&file);
+            let all = read_events(&file);
             let seen: HashSet<i64> = all
                 .iter()
                 .filter(|e| e["op"] == op)
@@ -356,7 +349,7 @@ fn a_missing_table_is_named_and_retried_until_it_exists() {
         Duration::from_secs(90),
         "the source starts once the table exists",
         || {
-            let all = events(&file);
+            let all = read_events(&file);
             if all.iter().any(|e| e["table"] == "recall") {
                 Ok(())
             } else {

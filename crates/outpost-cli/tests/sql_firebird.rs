@@ -6,10 +6,10 @@
 //! `SKIPPED` line, when `OUTPOST_PEERS=skip`.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use outpost_testkit::firebird::{skip_firebird_tests, FbDatabase};
+use outpost_testkit::jsonl::{brief, read_events, wait_for_count};
 use outpost_testkit::{describe_output, wait_until_explained, Agent};
 use serde_json::{json, Value};
 
@@ -50,38 +50,6 @@ to = ["events"]
     )
 }
 
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("line {line:?}: {err}")))
-        .collect()
-}
-
-fn wait_for_events(agent: &Agent, path: &Path, count: usize, what: &str) -> Vec<Value> {
-    wait_until_explained(
-        Duration::from_secs(60),
-        what,
-        || {
-            let events = events(path);
-            if events.len() >= count {
-                Ok(events)
-            } else {
-                Err(format!("{} of {count} events so far", events.len()))
-            }
-        },
-        || format!("agent log tail:\n{}", agent.log_tail(30)),
-    )
-}
-
-fn brief(event: &Value) -> (String, String, Value) {
-    (
-        event["table"].as_str().unwrap().to_owned(),
-        event["op"].as_str().unwrap().to_owned(),
-        event["key"].clone(),
-    )
-}
-
 #[test]
 fn firebird_changes_reach_the_jsonl_file_in_order_across_kill_9() {
     if skip_firebird_tests("firebird_changes_reach_the_jsonl_file_in_order_across_kill_9") {
@@ -117,7 +85,7 @@ fn firebird_changes_reach_the_jsonl_file_in_order_across_kill_9() {
 
     agent.launch();
     let file = agent.dir().join("events.jsonl");
-    let snapshot = wait_for_events(&agent, &file, 5, "the snapshot is in the file");
+    let snapshot = wait_for_count(&agent, &file, 5, "the snapshot is in the file");
     let got: Vec<_> = snapshot.iter().map(brief).collect();
     assert_eq!(
         got,
@@ -152,7 +120,7 @@ fn firebird_changes_reach_the_jsonl_file_in_order_across_kill_9() {
          DELETE FROM APPOINTMENT WHERE APTNUM = 2;
          COMMIT;",
     );
-    let all = wait_for_events(&agent, &file, 8, "the first changes are in the file");
+    let all = wait_for_count(&agent, &file, 8, "the first changes are in the file");
     let got: Vec<_> = all[5..].iter().map(brief).collect();
     assert_eq!(
         got,
@@ -183,7 +151,7 @@ fn firebird_changes_reach_the_jsonl_file_in_order_across_kill_9() {
                 ));
             }
         });
-        wait_for_events(&agent, &file, 8 + 5, "some stream events before the kill");
+        wait_for_count(&agent, &file, 8 + 5, "some stream events before the kill");
         agent.kill9();
         std::thread::sleep(Duration::from_millis(300));
         agent.restart();
@@ -194,7 +162,7 @@ fn firebird_changes_reach_the_jsonl_file_in_order_across_kill_9() {
         Duration::from_secs(60),
         "every streamed insert is in the file after the restart",
         || {
-            let all = events(&file);
+            let all = read_events(&file);
             let seen: HashSet<i64> = all
                 .iter()
                 .filter(|e| e["op"] == "insert" && e["table"] == "appointment")

@@ -4,11 +4,8 @@
 //! grant on it, and flags a superuser. Skipped, with a `SKIPPED` line, when
 //! `OUTPOST_PEERS=skip`.
 
-use std::time::Duration;
-
-use outpost_testkit::{
-    describe_output, skip_postgres_tests, wait_until_explained, Agent, PgDatabase,
-};
+use outpost_testkit::jsonl::wait_for_count;
+use outpost_testkit::{describe_output, skip_postgres_tests, Agent, PgDatabase};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -36,14 +33,6 @@ from = "pms"
 to = ["events"]
 "#
     )
-}
-
-fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Drops the test role when the test ends, however it ends.
@@ -110,21 +99,7 @@ fn the_printed_grants_let_the_source_run_and_check_flags_excess() {
 
     agent.launch();
     let file = agent.dir().join("events.jsonl");
-    let wait_for = |count: usize, what: &str| {
-        wait_until_explained(
-            Duration::from_secs(60),
-            what,
-            || {
-                let events = lines(&file);
-                if events.len() >= count {
-                    Ok(events)
-                } else {
-                    Err(format!("{} events", events.len()))
-                }
-            },
-            || agent.log_tail(30),
-        )
-    };
+    let wait_for = |count: usize, what: &str| wait_for_count(&agent, &file, count, what);
     wait_for(
         3,
         "the snapshot reaches the file with the least-privilege role",

@@ -9,10 +9,9 @@
 //! lists columns: `information_schema` hides the other columns from that user, while the
 //! binlog carries every column, so the hidden ones must keep their places.
 
-use std::time::Duration;
-
+use outpost_testkit::jsonl::wait_for_count;
 use outpost_testkit::mariadb::{skip_mariadb_tests, MariaDb};
-use outpost_testkit::{describe_output, wait_until_explained, Agent};
+use outpost_testkit::{describe_output, Agent};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
@@ -46,14 +45,6 @@ from = "pms"
 to = ["events"]
 "#
     )
-}
-
-fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Drops the test's users (`'name'@'%'`, server-wide) when the test ends, however it ends.
@@ -132,21 +123,7 @@ fn the_printed_mariadb_grants_let_the_source_run_and_check_flags_excess() {
 
     agent.launch();
     let file = agent.dir().join("events.jsonl");
-    let wait_for = |count: usize, what: &str| {
-        wait_until_explained(
-            Duration::from_secs(60),
-            what,
-            || {
-                let events = lines(&file);
-                if events.len() >= count {
-                    Ok(events)
-                } else {
-                    Err(format!("{} events", events.len()))
-                }
-            },
-            || agent.log_tail(30),
-        )
-    };
+    let wait_for = |count: usize, what: &str| wait_for_count(&agent, &file, count, what);
     wait_for(
         3,
         "the snapshot reaches the file with the least-privilege user",
@@ -251,21 +228,7 @@ fn column_level_grants_let_the_source_capture_the_listed_columns() {
 
     agent.launch();
     let file = agent.dir().join("events.jsonl");
-    let wait_for = |count: usize, what: &str| {
-        wait_until_explained(
-            Duration::from_secs(60),
-            what,
-            || {
-                let events = lines(&file);
-                if events.len() >= count {
-                    Ok(events)
-                } else {
-                    Err(format!("{} events", events.len()))
-                }
-            },
-            || agent.log_tail(30),
-        )
-    };
+    let wait_for = |count: usize, what: &str| wait_for_count(&agent, &file, count, what);
     wait_for(3, "the snapshot with column-level grants");
     db.sql("INSERT INTO patient VALUES (3, 'Nguyễn', 'ssn-3'); UPDATE patient SET ssn = 'ssn-1b', lname = 'Mueller' WHERE patnum = 1;");
     let events = wait_for(5, "an insert and an update with column-level grants");

@@ -5,11 +5,11 @@
 //! keep commit order. Skipped, with a `SKIPPED` line, when `OUTPOST_PEERS=skip`.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
+use outpost_testkit::jsonl::{read_events, wait_for_events};
 use outpost_testkit::mariadb::{skip_mariadb_tests, MariaDb};
-use outpost_testkit::{wait_until_explained, Agent};
+use outpost_testkit::Agent;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
@@ -54,32 +54,6 @@ to = ["events"]
     )
 }
 
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("line {line:?}: {err}")))
-        .collect()
-}
-
-fn wait_for(
-    agent: &Agent,
-    path: &Path,
-    what: &str,
-    done: impl Fn(&[Value]) -> Result<(), String>,
-) -> Vec<Value> {
-    wait_until_explained(
-        Duration::from_secs(90),
-        what,
-        || {
-            let events = events(path);
-            done(&events).map(|()| events)
-        },
-        || format!("agent log tail:\n{}", agent.log_tail(30)),
-    )
-}
-
 fn keys(events: &[Value], table: &str, op: &str, key: &str) -> HashSet<i64> {
     events
         .iter()
@@ -99,7 +73,7 @@ fn mariadb_changes_reach_the_jsonl_file_in_order_across_kill_9() {
     let file = agent.dir().join("events.jsonl");
 
     // Mid-snapshot: killed once some chunks are in the file.
-    wait_for(
+    wait_for_events(
         &agent,
         &file,
         "some snapshot rows are in the file",
@@ -112,9 +86,9 @@ fn mariadb_changes_reach_the_jsonl_file_in_order_across_kill_9() {
         },
     );
     agent.kill9();
-    let at_kill = events(&file).len();
+    let at_kill = read_events(&file).len();
     agent.restart();
-    let all = wait_for(
+    let all = wait_for_events(
         &agent,
         &file,
         "the whole snapshot is in the file",
@@ -153,7 +127,7 @@ fn mariadb_changes_reach_the_jsonl_file_in_order_across_kill_9() {
          COMMIT;
          DELETE FROM appointment WHERE aptnum = 2;",
     );
-    let all = wait_for(
+    let all = wait_for_events(
         &agent,
         &file,
         "the first changes are in the file",
@@ -204,7 +178,7 @@ fn mariadb_changes_reach_the_jsonl_file_in_order_across_kill_9() {
                 std::thread::sleep(Duration::from_millis(25));
             }
         });
-        wait_for(
+        wait_for_events(
             &agent,
             &file,
             "some stream events before the kill",
@@ -222,7 +196,7 @@ fn mariadb_changes_reach_the_jsonl_file_in_order_across_kill_9() {
         handle.join().unwrap();
     });
     let expected: Vec<i64> = (0..WRITES).map(|i| 100 + i).collect();
-    let all = wait_for(
+    let all = wait_for_events(
         &agent,
         &file,
         "every streamed insert is in the file after the restart",

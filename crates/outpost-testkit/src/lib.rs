@@ -24,6 +24,7 @@ pub mod dicom;
 pub mod firebird;
 mod hl7apy;
 mod hub;
+pub mod jsonl;
 pub mod mariadb;
 mod mllp;
 mod postgres;
