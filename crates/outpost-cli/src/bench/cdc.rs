@@ -43,19 +43,28 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// PostgreSQL started by the peer recipe under `dir`, stopped on drop.
-struct Postgres {
+/// A database server started by its peer recipe (`peers/start-<name>.sh`) with its data
+/// under the benchmark's folder, on a free loopback port; stopped on drop.
+struct PeerDatabase {
+    /// The recipe's name: `postgres` or `mariadb`.
+    name: &'static str,
     peers: std::path::PathBuf,
     data: std::path::PathBuf,
     port: u16,
 }
 
-impl Postgres {
-    fn start(work: &Path) -> anyhow::Result<Postgres> {
+impl PeerDatabase {
+    /// `port_variable` is the recipe's port setting; `needs` names what it installs.
+    fn start(
+        work: &Path,
+        name: &'static str,
+        port_variable: &str,
+        needs: &str,
+    ) -> anyhow::Result<PeerDatabase> {
         let peers = write_peers(work)?;
-        let data = work.join("pgdata");
+        let data = work.join(format!("{name}-data"));
         std::fs::create_dir_all(&data)?;
-        // The server runs as the `postgres` user: it must be able to reach its folder.
+        // The server runs as its own system user: it must be able to reach its folder.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -64,32 +73,50 @@ impl Postgres {
             }
         }
         let port = free_loopback_addr()?.port();
+        let script = format!("start-{name}.sh");
         let out = Command::new("bash")
-            .arg(peers.join("start-postgres.sh"))
+            .arg(peers.join(&script))
             .arg(&data)
-            .env("PG_PORT", port.to_string())
+            .env(port_variable, port.to_string())
             .output()
-            .context("running peers/start-postgres.sh")?;
+            .with_context(|| format!("running peers/{script}"))?;
         if !out.status.success() {
             bail!(
-                "peers/start-postgres.sh failed (it needs root and postgresql-15): {}{}",
+                "peers/{script} failed (it needs root and {needs}): {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(Postgres { peers, data, port })
+        Ok(PeerDatabase {
+            name,
+            peers,
+            data,
+            port,
+        })
     }
 
+    fn postgres(work: &Path) -> anyhow::Result<PeerDatabase> {
+        Self::start(work, "postgres", "PG_PORT", "postgresql-15")
+    }
+
+    fn mariadb(work: &Path) -> anyhow::Result<PeerDatabase> {
+        Self::start(work, "mariadb", "MARIADB_PORT", "mariadb-server")
+    }
+
+    /// The recipes' superuser on loopback (they set no password) and their `peerdb`.
     fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/peerdb", self.port)
+        match self.name {
+            "postgres" => format!("postgres://postgres@127.0.0.1:{}/peerdb", self.port),
+            _ => format!("mysql://root@127.0.0.1:{}/peerdb", self.port),
+        }
     }
 }
 
-impl Drop for Postgres {
+impl Drop for PeerDatabase {
     fn drop(&mut self) {
         let _ = Command::new("bash")
             .arg(self.peers.join("stop-peer.sh"))
-            .arg("postgres")
+            .arg(self.name)
             .arg(&self.data)
             .output();
     }
@@ -108,59 +135,6 @@ fn write_peers(work: &Path) -> anyhow::Result<std::path::PathBuf> {
         std::fs::write(peers.join(name), text)?;
     }
     Ok(peers)
-}
-
-/// MariaDB started by the peer recipe under `work`, stopped on drop.
-struct Mariadb {
-    peers: std::path::PathBuf,
-    data: std::path::PathBuf,
-    port: u16,
-}
-
-impl Mariadb {
-    fn start(work: &Path) -> anyhow::Result<Mariadb> {
-        let peers = write_peers(work)?;
-        let data = work.join("mariadb-data");
-        std::fs::create_dir_all(&data)?;
-        // The server runs as the `mysql` user: it must be able to reach its folder.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            for dir in [work, data.as_path()] {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-            }
-        }
-        let port = free_loopback_addr()?.port();
-        let out = Command::new("bash")
-            .arg(peers.join("start-mariadb.sh"))
-            .arg(&data)
-            .env("MARIADB_PORT", port.to_string())
-            .output()
-            .context("running peers/start-mariadb.sh")?;
-        if !out.status.success() {
-            bail!(
-                "peers/start-mariadb.sh failed (it needs root and mariadb-server): {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(Mariadb { peers, data, port })
-    }
-
-    /// root on loopback (the recipe gives it no password).
-    fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}/peerdb", self.port)
-    }
-}
-
-impl Drop for Mariadb {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(self.peers.join("stop-peer.sh"))
-            .arg("mariadb")
-            .arg(&self.data)
-            .output();
-    }
 }
 
 /// The connection that commits the stream's single-row transactions.
@@ -361,7 +335,7 @@ fn print_stream(figures: &Figures, rows: u64) {
 async fn postgres_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<String> {
     let work = tempfile::tempdir()?;
     eprintln!("starting PostgreSQL 15 with peers/start-postgres.sh…");
-    let pg = Postgres::start(work.path())?;
+    let pg = PeerDatabase::postgres(work.path())?;
     let client = connect(&pg.url()).await?;
     client
         .batch_execute(&format!(
@@ -423,7 +397,7 @@ async fn mariadb_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<Str
 
     let work = tempfile::tempdir()?;
     eprintln!("starting MariaDB 10.11 with peers/start-mariadb.sh…");
-    let db = Mariadb::start(work.path())?;
+    let db = PeerDatabase::mariadb(work.path())?;
     let opts = mysql_async::Opts::from_url(&db.url())
         .map_err(|err| anyhow::anyhow!("the bench MariaDB URL: {err}"))?;
     let mut conn = mysql_async::Conn::new(opts.clone())
