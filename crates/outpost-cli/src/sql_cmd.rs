@@ -294,6 +294,13 @@ async fn check_all(config: &SqlConfig) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("source {}", source.name))
             }
+            Dialect::Firebird => {
+                let password = source.config.password()?;
+                let triggers = source.config.mode != outpost_sql::Mode::Poll;
+                check::check_firebird(&source.config.url, password, &all, triggers)
+                    .await
+                    .with_context(|| format!("source {}", source.name))
+            }
             Dialect::Sqlite => Ok(check::sqlite_path(&source.config.url, &config.base)
                 .map(|path| check::check_sqlite(&path, &all))
                 .unwrap_or_default()),
@@ -326,6 +333,12 @@ async fn check_all(config: &SqlConfig) -> anyhow::Result<()> {
             },
             Dialect::MariaDb => match sink.password() {
                 Ok(password) => check::check_mysql(&sink.url, password, &all)
+                    .await
+                    .with_context(|| format!("sink {}", sink.name)),
+                Err(err) => Err(err),
+            },
+            Dialect::Firebird => match sink.password() {
+                Ok(password) => check::check_firebird(&sink.url, password, &all, false)
                     .await
                     .with_context(|| format!("sink {}", sink.name)),
                 Err(err) => Err(err),

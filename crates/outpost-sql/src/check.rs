@@ -6,8 +6,9 @@
 //! PostgreSQL asks the server itself (`pg_roles`, `has_table_privilege`,
 //! `has_column_privilege`, `pg_has_role`); MariaDB/MySQL reads the account's own rows of
 //! `information_schema` (`USER_PRIVILEGES`, `SCHEMA_PRIVILEGES`, `TABLE_PRIVILEGES`,
-//! `COLUMN_PRIVILEGES`); SQLite looks at the file. Other dialects are reported as not
-//! checked.
+//! `COLUMN_PRIVILEGES`); Firebird reads `RDB$USER_PRIVILEGES` (the user's rows and those of
+//! the roles granted to it) and `RDB$RELATIONS`; SQLite looks at the file. Other dialects
+//! are reported as not checked.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -1130,11 +1131,389 @@ async fn my_connect(url: &str, password: Option<String>) -> Result<mysql_async::
     }
 }
 
+/// One relation the Firebird account needs, and the privileges it needs on it.
+#[derive(Debug, Clone)]
+struct FbWant {
+    /// The name as the config (or the trigger DDL) writes it.
+    name: String,
+    /// Privilege letters of `RDB$USER_PRIVILEGES` (`S`, `I`, `U`, `D`).
+    privileges: BTreeSet<char>,
+}
+
+/// One row of `RDB$USER_PRIVILEGES` that applies to the account.
+#[derive(Debug, Clone)]
+struct FbGrant {
+    /// `None`: granted to the user; `Some(role)`: through a role.
+    role: Option<String>,
+    privilege: char,
+    relation: String,
+    grant_option: bool,
+}
+
+fn fb_privilege_name(letter: char) -> &'static str {
+    match letter {
+        'S' => "SELECT",
+        'I' => "INSERT",
+        'U' => "UPDATE",
+        'D' => "DELETE",
+        'R' => "REFERENCES",
+        'X' => "EXECUTE",
+        'G' => "USAGE",
+        'C' => "CREATE",
+        'L' => "ALTER",
+        'O' => "DROP",
+        _ => "ALL",
+    }
+}
+
+/// A Firebird name as a statement writes it: bare when it is a plain upper-case
+/// identifier, else quoted.
+fn fb_name(stored: &str) -> String {
+    if stored
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        && stored
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase())
+    {
+        stored.to_owned()
+    } else {
+        quote(stored)
+    }
+}
+
+/// Checks a Firebird account: `url` (its password, if any, or `password`) against `needs`;
+/// `triggers`: the source captures with the trigger change tables (`mode = "cdc"`).
+pub async fn check_firebird(
+    url: &str,
+    password: Option<String>,
+    needs: &Needs<'_>,
+    triggers: bool,
+) -> Result<CheckReport, SqlError> {
+    let mut wants: Vec<FbWant> = Vec::new();
+    let mut want = |name: &str, letters: &[char]| {
+        let (_, name) = split_qualified(name);
+        let index = match wants.iter().position(|w| w.name.eq_ignore_ascii_case(name)) {
+            Some(i) => i,
+            None => {
+                wants.push(FbWant {
+                    name: name.to_owned(),
+                    privileges: BTreeSet::new(),
+                });
+                wants.len() - 1
+            }
+        };
+        wants[index].privileges.extend(letters.iter().copied());
+    };
+    if let Some(source) = needs.source {
+        for table in &source.tables {
+            want(&table.name, &['S']);
+        }
+        if triggers {
+            for table in crate::grants::FIREBIRD_CHANGE_TABLES {
+                want(table, &['S', 'D']);
+            }
+        }
+    }
+    for writes in &needs.writes {
+        let mut letters = Vec::new();
+        if writes.insert.is_some() {
+            letters.push('I');
+        }
+        if !writes.update.is_empty() {
+            letters.push('U');
+        }
+        if writes.delete {
+            letters.push('D');
+        }
+        if !writes.select.is_empty() {
+            letters.push('S');
+        }
+        want(&writes.table, &letters);
+    }
+    let parsed = crate::firebird::FbUrl::parse(url)?;
+    let shown = redact_url(url);
+    tokio::task::spawn_blocking(move || check_firebird_blocking(&parsed, password, &shown, &wants))
+        .await
+        .map_err(|err| SqlError::Task(err.to_string()))?
+}
+
+fn fb_text(column: Option<&rsfbclient_core::Column>) -> String {
+    match column.map(|c| &c.value) {
+        Some(rsfbclient_core::SqlType::Text(text)) => text.trim().to_owned(),
+        Some(rsfbclient_core::SqlType::Integer(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn fb_query(
+    client: &mut rsfbclient_rust::RustFbClient,
+    db: &mut rsfbclient_rust::DbHandle,
+    tr: &mut rsfbclient_rust::TrHandle,
+    sql: &str,
+    context: &str,
+) -> Result<Vec<Vec<rsfbclient_core::Column>>, SqlError> {
+    use rsfbclient_core::{FirebirdClientSqlOps, FreeStmtOp};
+    let fail = |err: rsfbclient_core::FbError| SqlError::Database {
+        context: context.to_owned(),
+        message: err.to_string(),
+    };
+    let (_, mut stmt) = client
+        .prepare_statement(db, tr, rsfbclient_core::Dialect::D3, sql)
+        .map_err(fail)?;
+    let mut rows = Vec::new();
+    let result = client
+        .execute(db, tr, &mut stmt, Vec::new())
+        .map_err(fail)
+        .and_then(|_| loop {
+            match client.fetch(db, tr, &mut stmt) {
+                Ok(Some(row)) => rows.push(row),
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(fail(err)),
+            }
+        });
+    let _ = client.free_statement(&mut stmt, FreeStmtOp::Drop);
+    result.map(|()| rows)
+}
+
+fn check_firebird_blocking(
+    url: &crate::firebird::FbUrl,
+    password: Option<String>,
+    shown: &str,
+    wants: &[FbWant],
+) -> Result<CheckReport, SqlError> {
+    use rsfbclient_core::{
+        FirebirdClientDbOps, FirebirdClientSqlOps, TrDataAccessMode, TrIsolationLevel,
+        TrLockResolution, TrOp, TransactionConfiguration,
+    };
+    use rsfbclient_rust::{RustFbClient, RustFbClientAttachmentConfig};
+    let mut client = RustFbClient::new(rsfbclient_core::charset::UTF_8);
+    let config = RustFbClientAttachmentConfig {
+        host: url.host.clone(),
+        port: url.port,
+        db_name: url.database.clone(),
+        user: url.user.clone(),
+        pass: password
+            .or_else(|| url.password.clone())
+            .unwrap_or_default(),
+        role_name: None,
+    };
+    let mut db = client
+        .attach_database(&config, rsfbclient_core::Dialect::D3, false)
+        .map_err(|err| SqlError::Connect {
+            url: shown.to_owned(),
+            message: err.to_string(),
+        })?;
+    let result = (|| {
+        let mut tr = client
+            .begin_transaction(
+                &mut db,
+                TransactionConfiguration {
+                    data_access: TrDataAccessMode::ReadOnly,
+                    isolation: TrIsolationLevel::Concurrency,
+                    lock_resolution: TrLockResolution::NoWait,
+                },
+            )
+            .map_err(|err| SqlError::Database {
+                context: "begin a transaction".into(),
+                message: err.to_string(),
+            })?;
+        let user_rows = fb_query(
+            &mut client,
+            &mut db,
+            &mut tr,
+            "SELECT CAST(CURRENT_USER AS VARCHAR(63)) FROM RDB$DATABASE",
+            "read the current user",
+        );
+        let grant_rows = fb_query(
+            &mut client,
+            &mut db,
+            &mut tr,
+            "SELECT CAST(NULL AS VARCHAR(63)), TRIM(p.RDB$PRIVILEGE), TRIM(p.RDB$RELATION_NAME), \
+             COALESCE(p.RDB$GRANT_OPTION, 0), p.RDB$OBJECT_TYPE \
+             FROM RDB$USER_PRIVILEGES p WHERE p.RDB$USER = CURRENT_USER AND p.RDB$USER_TYPE = 8 \
+             UNION ALL \
+             SELECT TRIM(p.RDB$USER), TRIM(p.RDB$PRIVILEGE), TRIM(p.RDB$RELATION_NAME), \
+             COALESCE(p.RDB$GRANT_OPTION, 0), p.RDB$OBJECT_TYPE \
+             FROM RDB$USER_PRIVILEGES p WHERE p.RDB$USER_TYPE = 13 AND p.RDB$USER IN \
+             (SELECT m.RDB$RELATION_NAME FROM RDB$USER_PRIVILEGES m WHERE m.RDB$USER = CURRENT_USER \
+              AND m.RDB$USER_TYPE = 8 AND m.RDB$PRIVILEGE = 'M')",
+            "read the user's privileges",
+        );
+        let relation_rows = fb_query(
+            &mut client,
+            &mut db,
+            &mut tr,
+            "SELECT TRIM(RDB$RELATION_NAME), TRIM(COALESCE(RDB$OWNER_NAME, '')) FROM RDB$RELATIONS \
+             WHERE COALESCE(RDB$SYSTEM_FLAG, 0) = 0",
+            "read the tables",
+        );
+        let _ = client.transaction_operation(&mut tr, TrOp::Rollback);
+        Ok::<_, SqlError>((user_rows?, grant_rows?, relation_rows?))
+    })();
+    let _ = client.detach_database(&mut db);
+    let (user_rows, grant_rows, relation_rows) = result?;
+    let user = user_rows
+        .first()
+        .map(|row| fb_text(row.first()))
+        .unwrap_or_else(|| url.user.to_ascii_uppercase());
+    let grants: Vec<FbGrant> = grant_rows
+        .iter()
+        .map(|row| {
+            let role = fb_text(row.first());
+            FbGrant {
+                role: (!role.is_empty()).then_some(role),
+                privilege: fb_text(row.get(1)).chars().next().unwrap_or(' '),
+                relation: fb_text(row.get(2)),
+                grant_option: fb_text(row.get(3)) != "0",
+            }
+        })
+        .collect();
+    let relations: Vec<(String, String)> = relation_rows
+        .iter()
+        .map(|row| (fb_text(row.first()), fb_text(row.get(1))))
+        .collect();
+    Ok(firebird_report(&user, &grants, &relations, wants))
+}
+
+/// Compares what the account holds with what it needs.
+fn firebird_report(
+    user: &str,
+    grants: &[FbGrant],
+    relations: &[(String, String)],
+    wants: &[FbWant],
+) -> CheckReport {
+    let mut report = CheckReport::default();
+    let to = format!("USER {}", fb_name(user));
+    let from_of = |grant: &FbGrant| match &grant.role {
+        Some(role) => format!("ROLE {}", fb_name(role)),
+        None => to.clone(),
+    };
+    let is_sysdba = user.eq_ignore_ascii_case("SYSDBA");
+    if is_sysdba {
+        report.push(
+            Severity::Excess,
+            "user SYSDBA may do anything in every database of the server (CREATE USER and GRANT as `outpost sql grants` prints, then put that user in the URL)",
+        );
+    }
+    for grant in grants
+        .iter()
+        .filter(|g| g.privilege == 'M' && g.relation == "RDB$ADMIN")
+    {
+        report.push(
+            Severity::Excess,
+            format!(
+                "holds the RDB$ADMIN role (REVOKE RDB$ADMIN FROM {};)",
+                from_of(grant)
+            ),
+        );
+    }
+    // Resolves a config name to the stored relation.
+    let stored = |name: &str| -> Option<&(String, String)> {
+        relations
+            .iter()
+            .find(|(r, _)| crate::firebird::ddl::names(name, r))
+    };
+    let mut named: BTreeSet<&str> = BTreeSet::new();
+    for want in wants {
+        let Some((relation, owner)) = stored(&want.name) else {
+            report.push(
+                Severity::Missing,
+                format!(
+                    "table {} does not exist",
+                    fb_name(&want.name.to_ascii_uppercase())
+                ),
+            );
+            continue;
+        };
+        named.insert(relation.as_str());
+        let on = fb_name(relation);
+        if !is_sysdba && owner == user {
+            report.push(
+                Severity::Excess,
+                format!("owns {on}: an owner may alter or drop it (connect as a user of its own: apply `outpost sql grants`)"),
+            );
+        }
+        let held: Vec<&FbGrant> = grants
+            .iter()
+            .filter(|g| &g.relation == relation && g.privilege != 'M')
+            .collect();
+        for letter in &want.privileges {
+            let privilege = fb_privilege_name(*letter);
+            if held.iter().any(|g| g.privilege == *letter) {
+                report.push(Severity::Ok, format!("{privilege} ON {on}"));
+            } else {
+                report.push(
+                    Severity::Missing,
+                    format!("{privilege} ON {on} (GRANT {privilege} ON TABLE {on} TO {to};)"),
+                );
+            }
+        }
+        let mut extra: Vec<&FbGrant> = held
+            .iter()
+            .copied()
+            .filter(|g| !want.privileges.contains(&g.privilege))
+            .collect();
+        extra.sort_by(|a, b| (a.privilege, &a.role).cmp(&(b.privilege, &b.role)));
+        extra.dedup_by(|a, b| a.privilege == b.privilege && a.role == b.role);
+        for grant in extra {
+            let privilege = fb_privilege_name(grant.privilege);
+            report.push(
+                Severity::Excess,
+                format!(
+                    "{privilege} ON {on}{}, which nothing in the config needs (REVOKE {privilege} ON TABLE {on} FROM {};)",
+                    grant.role.as_ref().map(|r| format!(" (through role {})", fb_name(r))).unwrap_or_default(),
+                    from_of(grant)
+                ),
+            );
+        }
+        if held.iter().any(|g| g.grant_option) {
+            report.push(
+                Severity::Excess,
+                format!(
+                    "GRANT OPTION ON {on} (REVOKE GRANT OPTION FOR ALL ON TABLE {on} FROM {to};)"
+                ),
+            );
+        }
+    }
+    // Tables and views the config does not name.
+    let mut others: Vec<(&str, Option<&str>, char)> = grants
+        .iter()
+        .filter(|g| g.privilege != 'M' && !named.contains(g.relation.as_str()))
+        .filter(|g| relations.iter().any(|(r, _)| r == &g.relation))
+        .map(|g| (g.relation.as_str(), g.role.as_deref(), g.privilege))
+        .collect();
+    others.sort_unstable();
+    others.dedup();
+    let mut i = 0;
+    while i < others.len() {
+        let (relation, role) = (others[i].0, others[i].1);
+        let mut list = Vec::new();
+        while i < others.len() && others[i].0 == relation && others[i].1 == role {
+            list.push(fb_privilege_name(others[i].2));
+            i += 1;
+        }
+        list.dedup();
+        let list = list.join(", ");
+        let on = fb_name(relation);
+        let from = match role {
+            Some(role) => format!("ROLE {}", fb_name(role)),
+            None => to.clone(),
+        };
+        report.push(
+            Severity::Excess,
+            format!("{list} ON {on}, a table the config does not name (REVOKE {list} ON TABLE {on} FROM {from};)"),
+        );
+    }
+    report
+}
+
 /// Whether `check` can look at this dialect yet.
 pub fn supported(dialect: Dialect) -> bool {
     matches!(
         dialect,
-        Dialect::Postgres | Dialect::Sqlite | Dialect::MariaDb
+        Dialect::Postgres | Dialect::Sqlite | Dialect::MariaDb | Dialect::Firebird
     )
 }
 
