@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::pg_message;
+use crate::firebird::conn::{column_text, FbConn, TxKind};
 use crate::grants::{Dialect, ReadTable, SinkNeeds, SourceNeeds, TableWrites};
 use crate::ident::{quote, quote_mysql, split_qualified};
 use crate::{redact_url, SqlError};
@@ -1104,31 +1105,8 @@ async fn my_table_columns(
 /// Connects like the MariaDB source does: `mariadb://` read as `mysql://`, TCP only, the
 /// password from the URL or `password`.
 async fn my_connect(url: &str, password: Option<String>) -> Result<mysql_async::Conn, SqlError> {
-    use mysql_async::{Conn, Opts, OptsBuilder};
-    let shown = redact_url(url);
-    let plain = match url.strip_prefix("mariadb://") {
-        Some(rest) => format!("mysql://{rest}"),
-        None => url.to_owned(),
-    };
-    let opts = Opts::from_url(&plain).map_err(|_| SqlError::Connect {
-        url: shown.clone(),
-        message: "not a valid mysql:// URL".into(),
-    })?;
-    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
-    if let Some(password) = password {
-        builder = builder.pass(Some(password));
-    }
-    match tokio::time::timeout(Duration::from_secs(10), Conn::new(builder)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(SqlError::Connect {
-            url: shown,
-            message: err.to_string(),
-        }),
-        Err(_) => Err(SqlError::Connect {
-            url: shown,
-            message: "no answer within 10 s".into(),
-        }),
-    }
+    let opts = crate::mysql::options_from(url, password)?;
+    crate::mysql::connect(&opts, url).await
 }
 
 /// One relation the Firebird account needs, and the privileges it needs on it.
@@ -1240,41 +1218,11 @@ pub async fn check_firebird(
 }
 
 fn fb_text(column: Option<&rsfbclient_core::Column>) -> String {
-    match column.map(|c| &c.value) {
-        Some(rsfbclient_core::SqlType::Text(text)) => text.trim().to_owned(),
-        Some(rsfbclient_core::SqlType::Integer(n)) => n.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn fb_query(
-    client: &mut rsfbclient_rust::RustFbClient,
-    db: &mut rsfbclient_rust::DbHandle,
-    tr: &mut rsfbclient_rust::TrHandle,
-    sql: &str,
-    context: &str,
-) -> Result<Vec<Vec<rsfbclient_core::Column>>, SqlError> {
-    use rsfbclient_core::{FirebirdClientSqlOps, FreeStmtOp};
-    let fail = |err: rsfbclient_core::FbError| SqlError::Database {
-        context: context.to_owned(),
-        message: err.to_string(),
-    };
-    let (_, mut stmt) = client
-        .prepare_statement(db, tr, rsfbclient_core::Dialect::D3, sql)
-        .map_err(fail)?;
-    let mut rows = Vec::new();
-    let result = client
-        .execute(db, tr, &mut stmt, Vec::new())
-        .map_err(fail)
-        .and_then(|_| loop {
-            match client.fetch(db, tr, &mut stmt) {
-                Ok(Some(row)) => rows.push(row),
-                Ok(None) => break Ok(()),
-                Err(err) => break Err(fail(err)),
-            }
-        });
-    let _ = client.free_statement(&mut stmt, FreeStmtOp::Drop);
-    result.map(|()| rows)
+    column
+        .and_then(column_text)
+        .and_then(Result::ok)
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn check_firebird_blocking(
@@ -1283,53 +1231,16 @@ fn check_firebird_blocking(
     shown: &str,
     wants: &[FbWant],
 ) -> Result<CheckReport, SqlError> {
-    use rsfbclient_core::{
-        FirebirdClientDbOps, FirebirdClientSqlOps, TrDataAccessMode, TrIsolationLevel,
-        TrLockResolution, TrOp, TransactionConfiguration,
-    };
-    use rsfbclient_rust::{RustFbClient, RustFbClientAttachmentConfig};
-    let mut client = RustFbClient::new(rsfbclient_core::charset::UTF_8);
-    let config = RustFbClientAttachmentConfig {
-        host: url.host.clone(),
-        port: url.port,
-        db_name: url.database.clone(),
-        user: url.user.clone(),
-        pass: password
-            .or_else(|| url.password.clone())
-            .unwrap_or_default(),
-        role_name: None,
-    };
-    let mut db = client
-        .attach_database(&config, rsfbclient_core::Dialect::D3, false)
-        .map_err(|err| SqlError::Connect {
-            url: shown.to_owned(),
-            message: err.to_string(),
-        })?;
-    let result = (|| {
-        let mut tr = client
-            .begin_transaction(
-                &mut db,
-                TransactionConfiguration {
-                    data_access: TrDataAccessMode::ReadOnly,
-                    isolation: TrIsolationLevel::Concurrency,
-                    lock_resolution: TrLockResolution::NoWait,
-                },
-            )
-            .map_err(|err| SqlError::Database {
-                context: "begin a transaction".into(),
-                message: err.to_string(),
-            })?;
-        let user_rows = fb_query(
-            &mut client,
-            &mut db,
-            &mut tr,
+    let mut conn = FbConn::connect(url, password.as_deref(), shown)?;
+    let result = conn.in_tx(TxKind::SnapshotRead, |conn, tr| {
+        let user_rows = conn.query(
+            tr,
             "SELECT CAST(CURRENT_USER AS VARCHAR(63)) FROM RDB$DATABASE",
+            Vec::new(),
             "read the current user",
-        );
-        let grant_rows = fb_query(
-            &mut client,
-            &mut db,
-            &mut tr,
+        )?;
+        let grant_rows = conn.query(
+            tr,
             "SELECT CAST(NULL AS VARCHAR(63)), TRIM(p.RDB$PRIVILEGE), TRIM(p.RDB$RELATION_NAME), \
              COALESCE(p.RDB$GRANT_OPTION, 0), p.RDB$OBJECT_TYPE \
              FROM RDB$USER_PRIVILEGES p WHERE p.RDB$USER = CURRENT_USER AND p.RDB$USER_TYPE = 8 \
@@ -1339,20 +1250,19 @@ fn check_firebird_blocking(
              FROM RDB$USER_PRIVILEGES p WHERE p.RDB$USER_TYPE = 13 AND p.RDB$USER IN \
              (SELECT m.RDB$RELATION_NAME FROM RDB$USER_PRIVILEGES m WHERE m.RDB$USER = CURRENT_USER \
               AND m.RDB$USER_TYPE = 8 AND m.RDB$PRIVILEGE = 'M')",
+            Vec::new(),
             "read the user's privileges",
-        );
-        let relation_rows = fb_query(
-            &mut client,
-            &mut db,
-            &mut tr,
+        )?;
+        let relation_rows = conn.query(
+            tr,
             "SELECT TRIM(RDB$RELATION_NAME), TRIM(COALESCE(RDB$OWNER_NAME, '')) FROM RDB$RELATIONS \
              WHERE COALESCE(RDB$SYSTEM_FLAG, 0) = 0",
+            Vec::new(),
             "read the tables",
-        );
-        let _ = client.transaction_operation(&mut tr, TrOp::Rollback);
-        Ok::<_, SqlError>((user_rows?, grant_rows?, relation_rows?))
-    })();
-    let _ = client.detach_database(&mut db);
+        )?;
+        Ok((user_rows, grant_rows, relation_rows))
+    });
+    conn.close();
     let (user_rows, grant_rows, relation_rows) = result?;
     let user = user_rows
         .first()

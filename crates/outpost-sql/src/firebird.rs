@@ -42,7 +42,7 @@
 //! Values: see `value.rs`; `before` is the whole old row (the trigger has it), `commit_time`
 //! is null (Firebird 3 does not expose it), `tx` is the writer's transaction number.
 
-mod conn;
+pub(crate) mod conn;
 pub mod ddl;
 pub mod poll;
 pub mod value;

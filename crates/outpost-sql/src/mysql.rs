@@ -968,24 +968,30 @@ fn binlog_error(at: &BinlogPos, err: mysql_async::Error) -> SqlError {
 /// Connection options from the URL (`mariadb://` read as `mysql://`) and the password
 /// settings; the session runs in UTC and `utf8mb4`.
 fn options(config: &SourceConfig) -> Result<Opts, SqlError> {
-    let url = match config.url.strip_prefix("mariadb://") {
+    options_from(&config.url, config.password()?)
+}
+
+/// [`options`] for a URL and a password read elsewhere (`outpost sql check`).
+pub(crate) fn options_from(url: &str, password: Option<String>) -> Result<Opts, SqlError> {
+    let plain = match url.strip_prefix("mariadb://") {
         Some(rest) => format!("mysql://{rest}"),
-        None => config.url.clone(),
+        None => url.to_owned(),
     };
-    let opts = Opts::from_url(&url).map_err(|err| SqlError::Connect {
-        url: crate::redact_url(&config.url),
+    let opts = Opts::from_url(&plain).map_err(|err| SqlError::Connect {
+        url: crate::redact_url(url),
         message: format!("not a valid mysql:// URL: {err}"),
     })?;
     let mut builder = OptsBuilder::from_opts(opts)
         .prefer_socket(false)
         .init(vec!["SET time_zone = '+00:00'", "SET NAMES utf8mb4"]);
-    if let Some(password) = config.password()? {
+    if let Some(password) = password {
         builder = builder.pass(Some(password));
     }
     Ok(Opts::from(builder))
 }
 
-async fn connect(opts: &Opts, url: &str) -> Result<Conn, SqlError> {
+/// Connects within `CONNECT_TIMEOUT`; errors name the URL without its password.
+pub(crate) async fn connect(opts: &Opts, url: &str) -> Result<Conn, SqlError> {
     let shown = if url.is_empty() {
         format!(
             "mysql://{}@{}:{}/{}",
