@@ -12,12 +12,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::error::pg_message;
 use crate::firebird::conn::{column_text, FbConn, TxKind};
 use crate::grants::{Dialect, ReadTable, SinkNeeds, SourceNeeds, TableWrites};
 use crate::ident::{quote, quote_mysql, split_qualified};
@@ -1428,28 +1425,8 @@ pub fn supported(dialect: Dialect) -> bool {
 }
 
 async fn connect(url: &str, password: Option<String>) -> Result<Client, SqlError> {
-    let shown = redact_url(url);
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|_| SqlError::Connect {
-        url: shown.clone(),
-        message: "not a valid PostgreSQL URL".into(),
-    })?;
-    if let Some(password) = password {
-        config.password(password);
-    }
-    config.connect_timeout(Duration::from_secs(10));
-    config.application_name("outpost sql check");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|err| SqlError::Connect {
-            url: shown,
-            message: pg_message(&err),
-        })?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "check connection ended");
-        }
-    });
+    let (client, _connection) =
+        crate::postgres::pg_connect(url, password.as_deref(), "outpost sql check").await?;
     Ok(client)
 }
 

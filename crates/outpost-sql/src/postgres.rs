@@ -730,25 +730,7 @@ impl ChangeSource for PgSource {
 }
 
 async fn connect(config: &SourceConfig) -> Result<(Client, tokio::task::JoinHandle<()>), SqlError> {
-    let url = crate::redact_url(&config.url);
-    let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(|_| SqlError::Connect {
-        url: url.clone(),
-        message: "not a valid PostgreSQL URL".into(),
-    })?;
-    if let Some(password) = config.password()? {
-        pg.password(password);
-    }
-    pg.connect_timeout(Duration::from_secs(10));
-    pg.application_name("outpost");
-    let (client, connection) = pg.connect(NoTls).await.map_err(|err| SqlError::Connect {
-        url: url.clone(),
-        message: crate::error::pg_message(&err),
-    })?;
-    let task = tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "database connection ended");
-        }
-    });
+    let (client, task) = pg_connect(&config.url, config.password()?.as_deref(), "outpost").await?;
     // Text forms the event mapping relies on.
     client
         .batch_execute(
@@ -757,6 +739,36 @@ async fn connect(config: &SourceConfig) -> Result<(Client, tokio::task::JoinHand
         )
         .await
         .map_err(|err| SqlError::pg("set up the session", err))?;
+    Ok((client, task))
+}
+
+/// Connects to `url` (with `password` if given), within 10 s and without TLS; the returned
+/// task drives the connection and ends with it. Errors name the URL without its password.
+pub(crate) async fn pg_connect(
+    url: &str,
+    password: Option<&str>,
+    application: &str,
+) -> Result<(Client, tokio::task::JoinHandle<()>), SqlError> {
+    let shown = crate::redact_url(url);
+    let mut pg = tokio_postgres::Config::from_str(url).map_err(|_| SqlError::Connect {
+        url: shown.clone(),
+        message: "not a valid PostgreSQL URL".into(),
+    })?;
+    if let Some(password) = password {
+        pg.password(password);
+    }
+    pg.connect_timeout(Duration::from_secs(10));
+    pg.application_name(application);
+    let (client, connection) = pg.connect(NoTls).await.map_err(|err| SqlError::Connect {
+        url: shown,
+        message: crate::error::pg_message(&err),
+    })?;
+    let application = application.to_owned();
+    let task = tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, application, "database connection ended");
+        }
+    });
     Ok((client, task))
 }
 

@@ -3,13 +3,10 @@
 //! but the value is never part of the SQL text), returned rows decoded to JSON, and the
 //! transaction id as the marker whose fate `txid_status` tells after a crash.
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use base64::Engine;
 use serde_json::{Map, Number, Value};
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::placeholders::BindStyle;
 use super::{Dialect, ExecError, Executed, Fate, Session};
@@ -41,26 +38,10 @@ impl Dialect for Postgres {
     }
 
     async fn connect(&self) -> Result<Box<dyn Session>, ExecError> {
-        let redacted = crate::redact_url(&self.url);
-        let mut pg = tokio_postgres::Config::from_str(&self.url).map_err(|_| {
-            ExecError::Unavailable(format!("{redacted}: not a valid PostgreSQL URL"))
-        })?;
-        if let Some(password) = &self.password {
-            pg.password(password);
-        }
-        pg.connect_timeout(Duration::from_secs(10));
-        pg.application_name("outpost-writeback");
-        let (client, connection) = pg.connect(NoTls).await.map_err(|err| {
-            ExecError::Unavailable(format!(
-                "connect to {redacted}: {}",
-                crate::error::pg_message(&err)
-            ))
-        })?;
-        let task = tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::warn!(error = %err, "write-back database connection ended");
-            }
-        });
+        let (client, task) =
+            crate::postgres::pg_connect(&self.url, self.password.as_deref(), "outpost-writeback")
+                .await
+                .map_err(|err| ExecError::Unavailable(err.to_string()))?;
         let session = PgSession { client, task };
         session
             .client
