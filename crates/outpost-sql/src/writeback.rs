@@ -4,7 +4,7 @@
 //!
 //! - `placeholders.rs`: `:name` placeholders → the dialect's binds (`$1`, `?1`, `?`).
 //! - `ledger.rs`: the idempotency ledger (`idempotency.db` in the sink's state folder).
-//! - one module per dialect (`pg.rs`, `sqlite.rs`) implementing [`Dialect`] and
+//! - one module per dialect (`pg.rs`, `sqlite.rs`, `mysql.rs`) implementing [`Dialect`] and
 //!   [`Session`]; adding a database is one module and one arm in [`dialect_for`].
 //!
 //! # Values
@@ -15,7 +15,10 @@
 //! timestamp is an RFC 3339 string (`"2024-06-01T09:00:00Z"`) and needs no cast where the
 //! column is a timestamp, and a cast (`:start_at::timestamptz`) where the type cannot be
 //! inferred. SQLite binds by JSON type (integer, real, text, 1/0, NULL) and stores RFC 3339
-//! strings as text. Returned rows come back with the change events' value mapping.
+//! strings as text. MariaDB/MySQL binds by JSON type too, in a strict `sql_mode`; a
+//! `DATETIME` takes `"2024-06-01 09:00:00"`, and an RFC 3339 string with a zone needs a
+//! conversion in the statement (see `mysql.rs`). Returned rows come back with the change
+//! events' value mapping.
 //!
 //! # Idempotency, and a crash in the middle
 //!
@@ -37,7 +40,10 @@
 //! were not recorded), anything else is refused as "outcome unknown, check the database".
 //! A `started` row without an xid on PostgreSQL was never committed (COMMIT is only sent
 //! after the xid is recorded), so the call runs again. On SQLite, which has no such id,
-//! any unfinished row is refused as "outcome unknown". Refusing a retry is the safer
+//! any unfinished row is refused as "outcome unknown". MariaDB has no such id either; its
+//! marker (the connection id, recorded before the statement is sent) only tells a row whose
+//! statement never reached the server, which runs again, from one whose may have, which
+//! is refused as "outcome unknown" (see `mysql.rs`). Refusing a retry is the safer
 //! failure: a person can check and use a new key; a double booking cannot be undone by
 //! the software that made it.
 //!
@@ -48,6 +54,7 @@
 //! recorded, so a retry with the same key runs again.
 
 pub mod ledger;
+pub mod mysql;
 pub mod pg;
 pub mod placeholders;
 pub mod sqlite;
@@ -74,7 +81,8 @@ pub const MAX_KEY_LEN: usize = 200;
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `postgres://user@host:port/db` or `sqlite:PATH`.
+    /// `postgres://user@host:port/db`, `mysql://user@host:port/db` (or `mariadb://`) or
+    /// `sqlite:PATH`.
     pub url: String,
     /// A file holding the password (its mode must not give group or others access).
     #[serde(default)]
@@ -120,10 +128,7 @@ impl SinkConfig {
                 "password_env: expected either password_file or password_env, not both".into(),
             ));
         }
-        let (style, lexing) = {
-            let dialect = dialect_for(&self.url, None, base)?;
-            (dialect.bind_style(), dialect.lexing())
-        };
+        let dialect = dialect_for(&self.url, None, base)?;
         if self.operations.is_empty() {
             return Err(SqlError::Config(
                 "operations: expected at least one, like create_appointment = \"INSERT INTO appointment (patnum) VALUES (:patnum)\"".into(),
@@ -135,7 +140,7 @@ impl SinkConfig {
                     "operations.{name}: expected a name of letters, digits, `_`, `-` or `.` (at most 64)"
                 )));
             }
-            prepare(sql, style, lexing)
+            prepare(sql, dialect.as_ref())
                 .map_err(|message| SqlError::Config(format!("operations.{name}: {message}")))?;
         }
         Ok(())
@@ -164,7 +169,8 @@ pub fn valid_operation_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }
 
-/// The dialect of a URL: `postgres://`/`postgresql://` or `sqlite:PATH`.
+/// The dialect of a URL: `postgres://`/`postgresql://`, `mysql://`/`mariadb://` or
+/// `sqlite:PATH`.
 pub fn dialect_for(
     url: &str,
     password: Option<String>,
@@ -172,6 +178,11 @@ pub fn dialect_for(
 ) -> Result<Box<dyn Dialect>, SqlError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Box::new(pg::Postgres {
+            url: url.to_owned(),
+            password,
+        }))
+    } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        Ok(Box::new(mysql::MySql {
             url: url.to_owned(),
             password,
         }))
@@ -187,7 +198,7 @@ pub fn dialect_for(
     } else {
         let scheme = url.split(':').next().unwrap_or_default();
         Err(SqlError::Config(format!(
-            "url: expected postgres://… or sqlite:PATH for a SQL sink, found a {scheme:?} URL"
+            "url: expected postgres://…, mysql://… or sqlite:PATH for a SQL sink, found a {scheme:?} URL"
         )))
     }
 }
@@ -202,14 +213,16 @@ struct Prepared {
     order: Vec<usize>,
 }
 
-fn prepare(sql: &str, style: BindStyle, lexing: Lexing) -> Result<Prepared, String> {
-    let parsed = Parsed::parse(sql, lexing).map_err(|err| err.to_string())?;
+fn prepare(sql: &str, dialect: &dyn Dialect) -> Result<Prepared, String> {
+    let style = dialect.bind_style();
+    let parsed = Parsed::parse(sql, dialect.lexing()).map_err(|err| err.to_string())?;
     parsed
         .check_positional(style)
         .map_err(|err| err.to_string())?;
     if sql.trim().is_empty() {
         return Err("expected a statement, found an empty string".into());
     }
+    dialect.check_statement(sql, &parsed)?;
     let (rendered, order) = parsed.render(style);
     Ok(Prepared {
         sql: rendered,
@@ -231,8 +244,15 @@ pub trait Dialect: Send + Sync {
         Lexing::default()
     }
     /// Whether [`Session::begin`] returns a transaction marker whose fate can be asked
-    /// after a crash.
+    /// after a crash (the answer may be [`Fate::Unknown`]), recorded before the statement
+    /// is sent: a row without one never reached the database.
     fn has_markers(&self) -> bool;
+    /// Refuses a statement the database would read differently from [`Parsed`] (its own
+    /// quoting or comment rules), so that no value is bound where the config's author did
+    /// not put a placeholder.
+    fn check_statement(&self, _sql: &str, _parsed: &Parsed) -> Result<(), String> {
+        Ok(())
+    }
     /// Opens a connection.
     async fn connect(&self) -> Result<Box<dyn Session>, ExecError>;
 }
@@ -279,7 +299,8 @@ pub enum Fate {
 pub enum ExecError {
     /// The database refused; the transaction wrote nothing.
     Refused {
-        /// SQLSTATE (PostgreSQL) or the result code's name (SQLite).
+        /// SQLSTATE (PostgreSQL), the result code's name (SQLite) or the error number
+        /// (MariaDB/MySQL).
         code: String,
         /// The database's message (never its detail, which may quote row values).
         message: String,
@@ -332,7 +353,7 @@ pub enum CallOutcome {
     },
     /// The database refused the statement; nothing was written.
     Refused {
-        /// SQLSTATE or the SQLite result code's name.
+        /// SQLSTATE, the SQLite result code's name or the MariaDB/MySQL error number.
         code: String,
         /// The database's message.
         message: String,
@@ -394,7 +415,7 @@ impl Writer {
         let dialect = config.dialect(base)?;
         let mut operations = BTreeMap::new();
         for (op, sql) in &config.operations {
-            let prepared = prepare(sql, dialect.bind_style(), dialect.lexing())
+            let prepared = prepare(sql, dialect.as_ref())
                 .map_err(|message| SqlError::Config(format!("operations.{op}: {message}")))?;
             operations.insert(op.clone(), prepared);
         }
@@ -797,7 +818,7 @@ mod tests {
             err.starts_with("operations.make: ") && err.contains("\"?\""),
             "{err}"
         );
-        let err = config("mysql://u:pw@h/db", &[("a", "SELECT 1")])
+        let err = config("sqlserver://u:pw@h/db", &[("a", "SELECT 1")])
             .validate(base)
             .unwrap_err()
             .to_string();
