@@ -85,7 +85,14 @@ impl Health {
 
     /// Counts one item handled.
     pub fn count_item(&self, name: &ConnectorName) {
-        self.update(name, |s| s.items += 1);
+        self.count_items(name, 1);
+    }
+
+    /// Counts `n` items moved at once.
+    pub fn count_items(&self, name: &ConnectorName, n: u64) {
+        if n > 0 {
+            self.update(name, |s| s.items += n);
+        }
     }
 
     /// Records a failure and its error text (never patient data).

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use outpost_queue::Queue;
 use outpost_sql::check::{self, CheckReport, Needs, Severity};
 use outpost_sql::grants::{self, Dialect, SinkNeeds, SourceNeeds};
 use outpost_sql::ident::{pg_object_name, quote, split_qualified};
@@ -382,10 +383,21 @@ fn print_report(title: &str, report: anyhow::Result<CheckReport>) -> usize {
     }
 }
 
-/// The snapshot position the agent stored: table index and last key, if still snapshotting.
-fn stored_snapshot(data_dir: &Path, source: &str) -> Option<(usize, Option<Vec<String>>)> {
-    let text = std::fs::read_to_string(data_dir.join("sql").join(source).join("position")).ok()?;
-    let value: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+/// The position the agent stored for `source` (in its queue, or in the file older versions
+/// kept), if any.
+async fn stored_position(queue: Option<&Queue>, data_dir: &Path, source: &str) -> Option<String> {
+    if let Some(queue) = queue {
+        if let Ok(Some(text)) = queue.source_state(&format!("sql:{source}")).await {
+            return Some(text);
+        }
+    }
+    std::fs::read_to_string(data_dir.join("sql").join(source).join("position")).ok()
+}
+
+/// The snapshot position in a stored position: table index and last key, if still
+/// snapshotting.
+fn stored_snapshot(position: Option<&str>) -> Option<(usize, Option<Vec<String>>)> {
+    let value: serde_json::Value = serde_json::from_str(position?.trim()).ok()?;
     let table = usize::try_from(value.get("table")?.as_u64()?).ok()?;
     let after = value.get("after").and_then(|a| {
         a.as_array()?
@@ -513,19 +525,17 @@ async fn status(config: &SqlConfig, follow: bool) -> anyhow::Result<()> {
             .slot
             .clone()
             .unwrap_or_else(|| pg_object_name(&source.name));
-        let has_position = config
-            .data_dir
-            .join("sql")
-            .join(&source.name)
-            .join("position")
-            .exists();
+        // The agent may not have made its queue yet: then nothing is stored.
+        let queue = Queue::open_existing(&config.data_dir).ok();
         let multi = MultiProgress::new();
         let style = ProgressStyle::with_template("{prefix:>16} [{bar:40}] {pos}/{len} rows {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
         let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
         loop {
-            let stored = stored_snapshot(&config.data_dir, &source.name);
+            let position = stored_position(queue.as_ref(), &config.data_dir, &source.name).await;
+            let has_position = position.is_some();
+            let stored = stored_snapshot(position.as_deref());
             let snapshotting = stored.is_some() || !has_position;
             let figures = if snapshotting {
                 let pending = (!has_position).then_some((0usize, None));

@@ -95,14 +95,16 @@ add_patient = "INSERT INTO patient (PatNum, LName, FName) VALUES (:patnum, :lnam
             !script.contains("DROP") && !script.contains("ALL PRIVILEGES"),
             "{script}"
         );
+        // Only what the script grants: MariaDB's `INSERT … RETURNING` wants INSERT and
+        // SELECT on every column inserted or returned, and the script says so.
+        assert!(
+            script.contains(&format!(
+                "GRANT INSERT (`AptDateTime`, `AptNum`, `Note`, `PatNum`) ON `{}`.`appointment` TO '{user}'@'%';",
+                db.name()
+            )),
+            "{script}"
+        );
         db.sql(&script.replace("<choose a password>", PASSWORD));
-        // MariaDB wants INSERT and SELECT on every column an `INSERT … RETURNING` inserts
-        // or returns; `sql grants` prints INSERT for the inserted ones and SELECT for the
-        // returned ones only.
-        db.sql(&format!(
-            "GRANT INSERT (`AptNum`), SELECT (`PatNum`) ON `{}`.`appointment` TO '{user}'@'%'",
-            db.name()
-        ));
         agent.launch();
         agent.wait_for_log_line(Duration::from_secs(30), &["connected to the hub"]);
         let agent_id = enrolled_agent_id(&agent.data_dir());

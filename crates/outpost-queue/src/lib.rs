@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blob;
+mod codec;
 mod error;
 mod read;
 mod schema;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use outpost_core::{ConnectorName, ItemId, ItemKind};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use error::QueueError;
@@ -78,6 +79,32 @@ pub struct NewItem {
     /// The sinks it must reach.
     pub sinks: Vec<ConnectorName>,
 }
+
+/// A source's resume state (a database position), stored under the source's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceState {
+    /// Whose state: a name the source chooses (`sql:<source>`).
+    pub name: String,
+    /// The state, opaque to the queue; sealed on disk.
+    pub value: String,
+}
+
+/// Items handed to the queue's writer by [`Queue::enqueue_with_state`], not yet known to be
+/// committed.
+pub struct Appending(oneshot::Receiver<Result<Outcome, QueueError>>);
+
+impl Appending {
+    /// Waits until the items and the state are committed; returns the items' ids.
+    pub async fn committed(self) -> Result<Vec<ItemId>, QueueError> {
+        match self.0.await.map_err(|_| QueueError::Closed)?? {
+            Outcome::AppendedAll(ids) => Ok(ids),
+            _ => Err(QueueError::Closed),
+        }
+    }
+}
+
+/// The sealing context of source states (item ids start at 1, so no item shares it).
+pub(crate) const STATE_CONTEXT: ItemId = ItemId(0);
 
 /// How a sink retries a failed delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +323,69 @@ impl Queue {
             Outcome::Appended(id) => Ok(id),
             _ => Err(QueueError::Closed),
         }
+    }
+
+    /// Appends `items` and records `state`, in one transaction: after a crash either all of
+    /// them are in the queue and the state says so, or none is and the state is the one
+    /// before. A source that resumes from its state therefore neither loses nor repeats
+    /// what it queued. Returns the items' ids, in order.
+    pub async fn append_with_state(
+        &self,
+        items: Vec<NewItem>,
+        state: Option<SourceState>,
+    ) -> Result<Vec<ItemId>, QueueError> {
+        self.enqueue_with_state(items, state)
+            .await?
+            .committed()
+            .await
+    }
+
+    /// [`Queue::append_with_state`] in two steps: this hands the items to the writer (calls
+    /// are taken in the order made), and [`Appending::committed`] waits for the commit. A
+    /// source can so keep a few batches in flight; they commit in order, often several in
+    /// one transaction.
+    pub async fn enqueue_with_state(
+        &self,
+        items: Vec<NewItem>,
+        state: Option<SourceState>,
+    ) -> Result<Appending, QueueError> {
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command {
+                op: Op::AppendWithState { items, state },
+                reply,
+            })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        Ok(Appending(outcome))
+    }
+
+    /// The state last recorded under `name` by [`Queue::append_with_state`].
+    pub async fn source_state(&self, name: &str) -> Result<Option<String>, QueueError> {
+        let name = name.to_owned();
+        let sqlite = self.sqlite_error();
+        self.read(move |conn, keys| {
+            let row: Option<(Vec<u8>, Vec<u8>)> = conn
+                .query_row(
+                    "SELECT nonce, value FROM source_state WHERE name = ?1",
+                    [&name],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(sqlite)?;
+            let Some((nonce, sealed)) = row else {
+                return Ok(None);
+            };
+            let plain = keys.open(STATE_CONTEXT, &nonce, &sealed)?;
+            String::from_utf8(plain)
+                .map(Some)
+                .map_err(|_| QueueError::Corrupt {
+                    id: STATE_CONTEXT,
+                    what: "source state",
+                })
+        })
+        .await
     }
 
     /// Keeps an item that intake refused (malformed, no route) for inspection; it has no

@@ -7,6 +7,7 @@ use std::time::Duration;
 use outpost_core::{ConnectorName, ItemId, ItemKind};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::codec;
 use crate::schema::{DEAD, DELIVERED, PENDING};
 use crate::{now_ms, Keys, Lease, NextDelivery, Queue, QueueError};
 
@@ -145,7 +146,7 @@ impl Queue {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT d.item_id, d.attempts, d.next_attempt_at, i.kind, i.msg_type, i.control_id, i.nonce, i.payload,
-                            i.source, i.received_at, i.external_ref, i.payload_bytes
+                            i.source, i.received_at, i.external_ref, i.payload_bytes, i.codec
                      FROM deliveries d JOIN items i ON i.id = d.item_id
                      WHERE d.sink = ?1 AND d.state = ?2 AND d.item_id > ?3 ORDER BY d.item_id LIMIT ?4",
                 )
@@ -170,6 +171,8 @@ impl Queue {
                 let kind: String = r.get(3).map_err(&sqlite)?;
                 let nonce: Vec<u8> = r.get(6).map_err(&sqlite)?;
                 let sealed: Vec<u8> = r.get(7).map_err(&sqlite)?;
+                let codec: i64 = r.get(12).map_err(&sqlite)?;
+                let payload = codec::unpack(id, codec, keys.open(id, &nonce, &sealed)?, size)?;
                 leases.push(Lease {
                     id,
                     source: r.get(8).map_err(&sqlite)?,
@@ -179,7 +182,7 @@ impl Queue {
                     control_id: r.get(5).map_err(&sqlite)?,
                     received_at_ms: r.get(9).map_err(&sqlite)?,
                     external_ref: r.get(10).map_err(&sqlite)?,
-                    payload: keys.open(id, &nonce, &sealed)?,
+                    payload,
                 });
             }
             Ok((leases, None))
@@ -384,7 +387,8 @@ impl Queue {
 }
 
 const ITEM_COLUMNS: &str =
-    "SELECT id, source, kind, received_at, msg_type, control_id, rejected_reason, nonce, payload FROM items";
+    "SELECT id, source, kind, received_at, msg_type, control_id, rejected_reason, nonce, payload,
+            codec, payload_bytes FROM items";
 
 struct SealedItem {
     id: ItemId,
@@ -396,6 +400,8 @@ struct SealedItem {
     rejected_reason: Option<String>,
     nonce: Vec<u8>,
     sealed: Vec<u8>,
+    codec: i64,
+    payload_bytes: i64,
 }
 
 fn sealed_item(r: &Row<'_>) -> rusqlite::Result<SealedItem> {
@@ -409,6 +415,8 @@ fn sealed_item(r: &Row<'_>) -> rusqlite::Result<SealedItem> {
         rejected_reason: r.get(6)?,
         nonce: r.get(7)?,
         sealed: r.get(8)?,
+        codec: r.get(9)?,
+        payload_bytes: r.get(10)?,
     })
 }
 
@@ -420,7 +428,12 @@ impl SealedItem {
         sqlite: &impl Fn(rusqlite::Error) -> QueueError,
     ) -> Result<StoredItem, QueueError> {
         let id = self.id;
-        let payload = keys.open(id, &self.nonce, &self.sealed)?;
+        let payload = codec::unpack(
+            id,
+            self.codec,
+            keys.open(id, &self.nonce, &self.sealed)?,
+            self.payload_bytes,
+        )?;
         let kind = self
             .kind
             .parse()

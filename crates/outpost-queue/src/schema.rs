@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 /// Bumped when the schema changes; `open` refuses files from a newer version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Delivery states as stored.
 pub const PENDING: i64 = 0;
@@ -44,7 +44,8 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
             rejected_reason TEXT,               -- set when intake refused the item
             nonce           BLOB NOT NULL,
             payload         BLOB NOT NULL,      -- sealed
-            payload_bytes   INTEGER NOT NULL    -- plaintext length
+            payload_bytes   INTEGER NOT NULL,   -- plaintext length
+            codec           INTEGER NOT NULL DEFAULT 0  -- 0 as given, 1 zstd (then sealed)
         );
         CREATE INDEX IF NOT EXISTS items_by_received ON items(received_at);
         CREATE INDEX IF NOT EXISTS items_by_control_id ON items(control_id);
@@ -61,8 +62,22 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
             PRIMARY KEY (item_id, sink)
         ) WITHOUT ROWID;
         -- The per-sink cursor: the lowest pending item id of a sink.
-        CREATE INDEX IF NOT EXISTS deliveries_cursor ON deliveries(sink, state, item_id);",
+        CREATE INDEX IF NOT EXISTS deliveries_cursor ON deliveries(sink, state, item_id);
+        -- Version 2: where each source resumes, committed with the items it queued.
+        CREATE TABLE IF NOT EXISTS source_state (
+            name            TEXT PRIMARY KEY,
+            nonce           BLOB NOT NULL,
+            value           BLOB NOT NULL,      -- sealed
+            updated_at      INTEGER NOT NULL
+        ) WITHOUT ROWID;",
     )?;
+    // Version 1 files: their items table has no codec column (all payloads as given).
+    let has_codec = conn
+        .prepare("SELECT 1 FROM pragma_table_info('items') WHERE name = 'codec'")?
+        .exists([])?;
+    if !has_codec {
+        conn.execute_batch("ALTER TABLE items ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
 }

@@ -87,6 +87,55 @@ async fn items_survive_closing_and_reopening() {
 }
 
 #[tokio::test]
+async fn items_and_a_source_state_are_committed_together_and_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    assert_eq!(queue.source_state("sql:pms").await.unwrap(), None);
+    let state = |value: &str| SourceState {
+        name: "sql:pms".into(),
+        value: value.into(),
+    };
+    let ids = queue
+        .append_with_state(
+            vec![item(1, &["a"]), item(2, &["a"])],
+            Some(state("patient after 'Müller'")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] < ids[1]);
+    queue
+        .append_with_state(vec![item(3, &["a"])], Some(state("lsn 0/16B3748")))
+        .await
+        .unwrap();
+    // Without a state the last one stays.
+    queue
+        .append_with_state(vec![item(4, &["a"])], None)
+        .await
+        .unwrap();
+    queue.close().await.unwrap();
+
+    let bytes = std::fs::read(dir.path().join(QUEUE_FILE)).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        !text.contains("lsn 0/16B3748"),
+        "the state is sealed on disk"
+    );
+
+    let reopened = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    assert_eq!(
+        reopened.source_state("sql:pms").await.unwrap().as_deref(),
+        Some("lsn 0/16B3748")
+    );
+    assert_eq!(reopened.source_state("sql:other").await.unwrap(), None);
+    let (leases, _) = reopened
+        .ready_after(&sink("a"), ItemId(0), 10, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 4);
+}
+
+#[tokio::test]
 async fn a_failing_head_item_backs_off_and_blocks_later_items() {
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();

@@ -15,7 +15,9 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::schema::{DEAD, DELIVERED, PENDING};
-use crate::{now_ms, FailureOutcome, Keys, NewItem, QueueError, RetryPolicy};
+use crate::{
+    now_ms, FailureOutcome, Keys, NewItem, QueueError, RetryPolicy, SourceState, STATE_CONTEXT,
+};
 
 /// A change to apply, with where to send its result.
 pub(crate) struct Command {
@@ -28,6 +30,11 @@ pub(crate) enum Op {
     Append {
         item: NewItem,
         rejected_reason: Option<String>,
+    },
+    /// Items and a source's resume state, all in one transaction or none.
+    AppendWithState {
+        items: Vec<NewItem>,
+        state: Option<SourceState>,
     },
     MarkDelivered {
         sink: ConnectorName,
@@ -60,6 +67,7 @@ pub(crate) enum Op {
 /// What an operation returns.
 pub(crate) enum Outcome {
     Appended(ItemId),
+    AppendedAll(Vec<ItemId>),
     Done,
     Failed(FailureOutcome),
     Count(usize),
@@ -117,7 +125,7 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        let has_append = batch.iter().any(|c| matches!(c.op, Op::Append { .. }));
+        let has_append = batch.iter().any(|c| c.op.is_append());
         writer.apply_batch(&mut conn, batch);
         if writer.is_out_of_space {
             // On a full disk the WAL must not grow: checkpoint after every batch so the
@@ -136,6 +144,10 @@ pub(crate) fn run(
 }
 
 impl Op {
+    fn is_append(&self) -> bool {
+        matches!(self, Op::Append { .. } | Op::AppendWithState { .. })
+    }
+
     fn is_standalone(&self) -> bool {
         matches!(self, Op::Checkpoint | Op::Close)
     }
@@ -277,7 +289,7 @@ impl Writer {
         conn: &mut Connection,
         batch: &[Command],
     ) -> rusqlite::Result<Vec<Result<Outcome, QueueError>>> {
-        let has_room = if batch.iter().any(|c| matches!(c.op, Op::Append { .. })) {
+        let has_room = if batch.iter().any(|c| c.op.is_append()) {
             self.intake_room()
         } else {
             Ok(())
@@ -295,6 +307,58 @@ impl Writer {
         Ok(outcomes)
     }
 
+    fn disk_full(&self, low: &LowDisk) -> QueueError {
+        QueueError::DiskFull {
+            path: self.config.data_dir.clone(),
+            available_bytes: low.available_bytes,
+            required_bytes: low.required_bytes,
+        }
+    }
+
+    /// Inserts one item and its deliveries (none for a rejected item); returns its id.
+    fn insert_item(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        item: &NewItem,
+        rejected_reason: Option<&str>,
+        now: i64,
+    ) -> rusqlite::Result<ItemId> {
+        let id = ItemId(self.next_id);
+        self.next_id += 1;
+        let (packed, codec) = crate::codec::pack(&item.payload);
+        let (sealed, nonce) = self.keys.seal(id, &packed);
+        let digest = item.subject.as_deref().map(|s| self.keys.subject_digest(s));
+        tx.prepare_cached(
+            "INSERT INTO items (id, source, kind, received_at, msg_type, control_id,
+                subject_digest, rejected_reason, nonce, payload, payload_bytes, external_ref, codec)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?
+        .execute(params![
+            id.0,
+            item.source.as_str(),
+            item.kind.as_str(),
+            now,
+            item.msg_type,
+            item.control_id,
+            digest,
+            rejected_reason,
+            &nonce[..],
+            sealed,
+            item.payload.len() as i64,
+            item.external_ref,
+            codec,
+        ])?;
+        if rejected_reason.is_none() {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO deliveries (item_id, sink, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for sink in &item.sinks {
+                insert.execute(params![id.0, sink.as_str(), PENDING, now])?;
+            }
+        }
+        Ok(id)
+    }
+
     fn apply_one(
         &mut self,
         tx: &rusqlite::Transaction<'_>,
@@ -307,49 +371,33 @@ impl Writer {
                 item,
                 rejected_reason,
             } => {
-                if let Err(LowDisk {
-                    available_bytes,
-                    required_bytes,
-                }) = *has_room
-                {
-                    return Ok(Err(QueueError::DiskFull {
-                        path: self.config.data_dir.clone(),
-                        available_bytes,
-                        required_bytes,
-                    }));
+                if let Err(low) = has_room {
+                    return Ok(Err(self.disk_full(low)));
                 }
-                let id = ItemId(self.next_id);
-                self.next_id += 1;
-                let (sealed, nonce) = self.keys.seal(id, &item.payload);
-                let digest = item.subject.as_deref().map(|s| self.keys.subject_digest(s));
-                tx.prepare_cached(
-                    "INSERT INTO items (id, source, kind, received_at, msg_type, control_id,
-                        subject_digest, rejected_reason, nonce, payload, payload_bytes, external_ref)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?
-                .execute(params![
-                    id.0,
-                    item.source.as_str(),
-                    item.kind.as_str(),
-                    now,
-                    item.msg_type,
-                    item.control_id,
-                    digest,
-                    rejected_reason,
-                    &nonce[..],
-                    sealed,
-                    item.payload.len() as i64,
-                    item.external_ref,
-                ])?;
-                if rejected_reason.is_none() {
-                    let mut insert = tx.prepare_cached(
-                        "INSERT INTO deliveries (item_id, sink, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
-                    )?;
-                    for sink in &item.sinks {
-                        insert.execute(params![id.0, sink.as_str(), PENDING, now])?;
-                    }
-                }
+                let id = self.insert_item(tx, item, rejected_reason.as_deref(), now)?;
                 Ok(Ok(Outcome::Appended(id)))
+            }
+            Op::AppendWithState { items, state } => {
+                // A state alone (a heartbeat) is a few bytes, and keeping it moving lets
+                // the database let go of its log: only items wait for room.
+                if let (Err(low), false) = (has_room, items.is_empty()) {
+                    return Ok(Err(self.disk_full(low)));
+                }
+                let mut ids = Vec::with_capacity(items.len());
+                for item in items {
+                    ids.push(self.insert_item(tx, item, None, now)?);
+                }
+                if let Some(state) = state {
+                    // Sealed like a payload: a resume position may hold key values.
+                    let (sealed, nonce) = self.keys.seal(STATE_CONTEXT, state.value.as_bytes());
+                    tx.prepare_cached(
+                        "INSERT INTO source_state (name, nonce, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name) DO UPDATE SET nonce = excluded.nonce,
+                             value = excluded.value, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![state.name, &nonce[..], sealed, now])?;
+                }
+                Ok(Ok(Outcome::AppendedAll(ids)))
             }
             Op::MarkDelivered { sink, ids } => {
                 let mut update = tx.prepare_cached(

@@ -42,6 +42,20 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Bytes that do not compress (the queue compresses large payloads, and this test must
+/// fill the disk with what it appends).
+fn noise(seed: usize, len: usize) -> Vec<u8> {
+    let mut state = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
 fn item(n: usize) -> NewItem {
     NewItem {
         source: ConnectorName::new("lab-in").unwrap(),
@@ -50,7 +64,7 @@ fn item(n: usize) -> NewItem {
         control_id: Some(format!("MSG{n}")),
         subject: None,
         external_ref: None,
-        payload: vec![b'x'; 16 * 1024],
+        payload: noise(n, 16 * 1024),
         sinks: vec![ConnectorName::new("lab-out").unwrap()],
     }
 }

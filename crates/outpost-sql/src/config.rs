@@ -37,7 +37,8 @@ pub struct SourceConfig {
     /// up to the current WAL position anyway, so that it never holds WAL without bound.
     #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
     pub heartbeat: Duration,
-    /// Snapshot rows read per chunk (and per batch).
+    /// Snapshot rows per batch (MariaDB, Firebird: per query too); PostgreSQL reads each
+    /// table in one query and cuts its snapshot items at this many events or 2 MiB.
     #[serde(default = "default_chunk_rows")]
     pub chunk_rows: u32,
     /// CDC: changes asked of the slot per read; a batch always ends at a commit.
@@ -115,7 +116,7 @@ fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
 }
 fn default_chunk_rows() -> u32 {
-    1000
+    10_000
 }
 fn default_max_changes() -> u32 {
     2000

@@ -259,6 +259,7 @@ impl FbSource {
             } = &mut self.phase
             else {
                 return Ok(Batch {
+                    encoded: None,
                     events: Vec::new(),
                     position: self.position(Stored {
                         phase: "stream".into(),
@@ -333,6 +334,7 @@ impl FbSource {
                 self.phase = Phase::Stream;
                 tracing::info!("snapshot done; streaming");
                 return Ok(Batch {
+                    encoded: None,
                     events: Vec::new(),
                     position: self.position(Stored {
                         phase: "stream".into(),
@@ -383,6 +385,7 @@ impl FbSource {
                 continue;
             }
             return Ok(Batch {
+                encoded: None,
                 events,
                 position: self.position(Stored {
                     phase: "snapshot".into(),
@@ -426,7 +429,11 @@ impl FbSource {
                 id: Some(change_tx.last_id),
                 ..Stored::default()
             });
-            self.ready.push_back(Batch { events, position });
+            self.ready.push_back(Batch {
+                encoded: None,
+                events,
+                position,
+            });
         }
         if !skipped.is_empty() {
             let position = self.position(Stored {
@@ -435,6 +442,7 @@ impl FbSource {
                 ..Stored::default()
             });
             self.ready.push_back(Batch {
+                encoded: None,
                 events: Vec::new(),
                 position,
             });

@@ -234,8 +234,16 @@ pub struct Statement {
     /// Columns written (`INSERT` list, `SET` targets); `None`: an `INSERT` without a list,
     /// which writes every column.
     pub written: Option<BTreeSet<String>>,
-    /// Columns read by `WHERE`, `RETURNING` and `SET` expressions.
+    /// Columns read by `WHERE`, `RETURNING` and `SET` expressions and conflict targets.
     pub read: BTreeSet<String>,
+    /// An `INSERT`'s upsert targets (`ON CONFLICT … DO UPDATE SET a = …`, `ON DUPLICATE
+    /// KEY UPDATE a = …`): updated when the row exists.
+    pub upserted: BTreeSet<String>,
+    /// The columns a `RETURNING` (SQL Server: `OUTPUT`) clause names, also in `read`;
+    /// `None`: no such clause.
+    pub returned: Option<BTreeSet<String>>,
+    /// `RETURNING *` or `t.*`: every column is read.
+    pub returns_all: bool,
 }
 
 /// The write a statement makes.
@@ -260,8 +268,12 @@ pub struct TableWrites {
     pub update: BTreeSet<String>,
     /// `DELETE` on the table.
     pub delete: bool,
-    /// `SELECT` on these columns (read by `WHERE`, `RETURNING`, `SET` expressions).
+    /// `SELECT` on these columns (read by `WHERE`, `RETURNING`, `SET` expressions; on
+    /// MariaDB also those an `INSERT … RETURNING` inserts and those an `ON DUPLICATE KEY
+    /// UPDATE` sets).
     pub select: BTreeSet<String>,
+    /// `SELECT` on the whole table (`RETURNING *`).
+    pub select_all: bool,
     /// The operations that touch the table, for the script's comments.
     pub operations: Vec<String>,
 }
@@ -294,9 +306,10 @@ impl SinkNeeds {
         })?;
         let mut tables: Vec<TableWrites> = Vec::new();
         for (operation, sql) in operations {
-            let statement = parse_statement(sql).map_err(|message| {
+            let statement = parse_statement_in(dialect, sql).map_err(|message| {
                 SqlError::Config(format!("sink {name}: operations.{operation}: {message}"))
             })?;
+            let needs = statement_needs(dialect, &statement);
             let index = match tables.iter().position(|t| t.table == statement.table) {
                 Some(index) => index,
                 None => {
@@ -309,21 +322,19 @@ impl SinkNeeds {
             };
             let entry = &mut tables[index];
             entry.operations.push(operation.to_owned());
-            entry.select.extend(statement.read.iter().cloned());
-            match statement.verb {
-                Verb::Insert => {
-                    entry.insert = Some(match (entry.insert.take(), statement.written) {
-                        (Some(None), _) | (_, None) => None,
-                        (Some(Some(mut had)), Some(more)) => {
-                            had.extend(more);
-                            Some(had)
-                        }
-                        (None, Some(more)) => Some(more),
-                    });
+            entry.insert = match (entry.insert.take(), needs.insert) {
+                (had, None) => had,
+                (None, more) => more,
+                (Some(None), _) | (_, Some(None)) => Some(None),
+                (Some(Some(mut had)), Some(Some(more))) => {
+                    had.extend(more);
+                    Some(Some(had))
                 }
-                Verb::Update => entry.update.extend(statement.written.into_iter().flatten()),
-                Verb::Delete => entry.delete = true,
-            }
+            };
+            entry.update.extend(needs.update);
+            entry.delete |= needs.delete;
+            entry.select.extend(needs.select);
+            entry.select_all |= needs.select_all;
         }
         Ok(SinkNeeds {
             name: name.to_owned(),
@@ -334,19 +345,119 @@ impl SinkNeeds {
     }
 }
 
+/// What one statement needs on its table, as `dialect` checks privileges.
+fn statement_needs(dialect: Dialect, statement: &Statement) -> TableWrites {
+    let mut needs = TableWrites {
+        table: statement.table.clone(),
+        select: statement.read.clone(),
+        select_all: statement.returns_all,
+        ..TableWrites::default()
+    };
+    match statement.verb {
+        Verb::Insert => {
+            needs.insert = Some(statement.written.clone());
+            // PostgreSQL wants UPDATE on the targets of `DO UPDATE SET`.
+            needs.update = statement.upserted.clone();
+            if dialect == Dialect::MariaDb {
+                mariadb_insert_needs(statement, &mut needs);
+            }
+        }
+        Verb::Update => needs.update = statement.written.clone().unwrap_or_default(),
+        Verb::Delete => needs.delete = true,
+    }
+    needs
+}
+
+/// MariaDB checks more than the statement's reads and writes for an `INSERT` (found on
+/// MariaDB 10.11 with column grants; anything less is refused with error 1143):
+///
+/// - with `RETURNING`, INSERT and SELECT on every column it inserts or names in
+///   `RETURNING` (even `RETURNING 1` wants SELECT on the inserted ones). `RETURNING *`
+///   wants SELECT on the whole table and nothing more; an `INSERT` without a column list
+///   (INSERT on the whole table) wants SELECT only on the columns `RETURNING` names;
+/// - with `ON DUPLICATE KEY UPDATE`, UPDATE on the columns inserted (and returned) as well
+///   as the ones set, and SELECT on the ones set.
+fn mariadb_insert_needs(statement: &Statement, needs: &mut TableWrites) {
+    let mut named = statement.written.clone().unwrap_or_default();
+    if let Some(returned) = &statement.returned {
+        named.extend(returned.iter().cloned());
+        if let Some(Some(inserted)) = &mut needs.insert {
+            inserted.extend(named.iter().cloned());
+        }
+        needs.select.extend(named.iter().cloned());
+    }
+    if !statement.upserted.is_empty() {
+        needs.update.extend(named);
+        needs.select.extend(statement.upserted.iter().cloned());
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
     Word(String),
     /// A quoted identifier, unquoted.
     Quoted(String),
-    /// A `:name`, `$1`, `?` or `@name` parameter.
+    /// A `:name`, `$1`, `?` or `@name` parameter, or a `@@name`/`@@scope.name` system
+    /// variable: never a column.
     Param,
     /// A string or number literal.
     Literal,
     Punct(char),
 }
 
-fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
+/// How a dialect's lexer reads quotes and comments, as far as telling a column from text
+/// goes: a string read as an identifier would be granted as a column (and the grant then
+/// fails), and a comment read as code would grant what it mentions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lexer {
+    /// MariaDB/MySQL in the write-back session's `sql_mode` (no `ANSI_QUOTES`, no
+    /// `NO_BACKSLASH_ESCAPES`, see `writeback/mysql.rs`): `#` starts a comment, `--` does
+    /// only before a space or control character, `"…"` is a string, a backslash escapes in
+    /// strings, a `_charset` word before a string is its introducer, and `/*! */`
+    /// comments are code.
+    mysql: bool,
+    /// `/* /* */ */` nests (PostgreSQL, SQL Server); elsewhere the first `*/` ends it.
+    nested_comments: bool,
+}
+
+impl Lexer {
+    fn of(dialect: Dialect) -> Lexer {
+        Lexer {
+            mysql: dialect == Dialect::MariaDb,
+            nested_comments: matches!(dialect, Dialect::Postgres | Dialect::SqlServer),
+        }
+    }
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_' || c == '$'
+}
+
+/// The index just past the quote that closes the run opened at `start`: a doubled quote
+/// is part of the run, and with `backslash` a backslash escapes the next character.
+fn quoted_end(chars: &[char], start: usize, backslash: bool) -> Option<usize> {
+    let quote = chars[start];
+    let mut j = start + 1;
+    while j < chars.len() {
+        let c = chars[j];
+        // An escaped character, or a doubled quote, stays in the run.
+        if (backslash && c == '\\') || (c == quote && chars.get(j + 1) == Some(&quote)) {
+            j += 2;
+        } else if c == quote {
+            return Some(j + 1);
+        } else {
+            j += 1;
+        }
+    }
+    None
+}
+
+/// The end of a string literal starting at `start`.
+fn string_end(chars: &[char], start: usize, backslash: bool) -> Result<usize, String> {
+    quoted_end(chars, start, backslash).ok_or_else(|| "a string literal is not closed".into())
+}
+
+fn tokenize(sql: &str, lexer: Lexer) -> Result<Vec<Token>, String> {
     let chars: Vec<char> = sql.chars().collect();
     let mut tokens = Vec::new();
     let mut i = 0;
@@ -354,31 +465,61 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
         '[' => ']',
         other => other,
     };
+    let word_at = |i: usize| chars.get(i).is_some_and(|&d| is_word_char(d));
+    // Past a run of word characters starting at `i`.
+    let word_end = |mut i: usize| {
+        while chars.get(i).is_some_and(|&d| is_word_char(d)) {
+            i += 1;
+        }
+        i
+    };
     while i < chars.len() {
         let c = chars[i];
+        let next = chars.get(i + 1).copied();
         if c.is_whitespace() {
             i += 1;
-        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+        } else if (c == '-'
+            && next == Some('-')
+            // MariaDB reads `1--2` as 1 minus minus 2: only `-- ` starts a comment.
+            && (!lexer.mysql
+                || chars
+                    .get(i + 2)
+                    .is_none_or(|d| d.is_whitespace() || d.is_control())))
+            || (c == '#' && lexer.mysql)
+        {
             while i < chars.len() && chars[i] != '\n' {
                 i += 1;
             }
-        } else if c == '/' && chars.get(i + 1) == Some(&'*') {
-            i += 2;
-            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
-                i += 1;
+        } else if c == '/' && next == Some('*') {
+            if lexer.mysql
+                && (chars.get(i + 2) == Some(&'!')
+                    || (chars.get(i + 2) == Some(&'M') && chars.get(i + 3) == Some(&'!')))
+            {
+                // The server runs what is inside; a scanner that skipped it would grant
+                // less than the statement uses (and the write-back refuses them too).
+                return Err("executable comments (/*! */, /*M! */) are not taken: write the statement without them".into());
             }
-            i += 2;
-        } else if c == '\'' {
-            i += 1;
+            let mut depth = 0usize;
             loop {
-                match chars.get(i) {
-                    None => return Err("a string literal is not closed".into()),
-                    Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
-                    Some('\'') => break,
-                    Some(_) => i += 1,
+                match (chars.get(i), chars.get(i + 1)) {
+                    (None, _) | (_, None) => return Err("a comment is not closed".into()),
+                    (Some('/'), Some('*')) if depth == 0 || lexer.nested_comments => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    (Some('*'), Some('/')) => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => i += 1,
                 }
             }
-            i += 1;
+        } else if c == '\'' || (c == '"' && lexer.mysql) {
+            // In MariaDB's session `"…"` is a string like `'…'`, never an identifier.
+            i = string_end(&chars, i, lexer.mysql)?;
             tokens.push(Token::Literal);
         } else if c == '"' || c == '`' || c == '[' {
             let close = closing(c);
@@ -400,10 +541,23 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
             }
             i += 1;
             tokens.push(Token::Quoted(ident));
+        } else if c == '@' && next == Some('@') {
+            // A system variable, `@@time_zone` or `@@session.time_zone`: its scope is not
+            // a table and its name not a column.
+            i = word_end(i + 2);
+            if chars.get(i) == Some(&'.') && word_at(i + 1) {
+                i = word_end(i + 1);
+            }
+            tokens.push(Token::Param);
+        } else if c == '@' && lexer.mysql && next.is_some_and(|d| d == '\'' || d == '"' || d == '`')
+        {
+            // A user variable with a quoted name, `@'my var'` (a backslash escapes in the
+            // string forms, not in the backquoted one).
+            i = quoted_end(&chars, i + 1, next != Some('`'))
+                .ok_or("a quoted variable name is not closed")?;
+            tokens.push(Token::Param);
         } else if (c == ':' || c == '@' || c == '$')
-            && chars
-                .get(i + 1)
-                .is_some_and(|d| d.is_alphanumeric() || *d == '_')
+            && next.is_some_and(|d| d.is_alphanumeric() || d == '_')
         {
             i += 1;
             while chars
@@ -413,7 +567,7 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
                 i += 1;
             }
             tokens.push(Token::Param);
-        } else if c == ':' && chars.get(i + 1) == Some(&':') {
+        } else if c == ':' && next == Some(':') {
             // PostgreSQL cast `::type`: the type name is not a column.
             i += 2;
             while chars.get(i).is_some_and(|d| d.is_whitespace()) {
@@ -438,19 +592,52 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
             tokens.push(Token::Literal);
         } else if c.is_alphabetic() || c == '_' {
             let start = i;
-            while chars
-                .get(i)
-                .is_some_and(|d| d.is_alphanumeric() || *d == '_' || *d == '$')
-            {
-                i += 1;
+            i = word_end(i);
+            let word: String = chars[start..i].iter().collect();
+            if let Some(end) = prefixed_string(&chars, &word, i, lexer)? {
+                // `E'…'`, `N'…'`, `X'…'`, `B'…'`, `_utf8mb4'…'`: the prefix is part of the
+                // literal, not a column.
+                i = end;
+                tokens.push(Token::Literal);
+            } else {
+                tokens.push(Token::Word(word));
             }
-            tokens.push(Token::Word(chars[start..i].iter().collect()));
         } else {
             tokens.push(Token::Punct(c));
             i += 1;
         }
     }
     Ok(tokens)
+}
+
+/// If `word` (ending at `end`) is the prefix of a string literal, the end of that literal.
+fn prefixed_string(
+    chars: &[char],
+    word: &str,
+    end: usize,
+    lexer: Lexer,
+) -> Result<Option<usize>, String> {
+    let lower = word.to_ascii_lowercase();
+    let quote_at = |at: usize| {
+        chars
+            .get(at)
+            .is_some_and(|&q| q == '\'' || (q == '"' && lexer.mysql))
+    };
+    if matches!(lower.as_str(), "e" | "n" | "x" | "b") && quote_at(end) {
+        // PostgreSQL's `E'…'` takes backslash escapes; MariaDB's strings all do.
+        return string_end(chars, end, lexer.mysql || lower == "e").map(Some);
+    }
+    if lexer.mysql && lower.starts_with('_') && lower.len() > 1 {
+        // A character set introducer, `_utf8mb4 'x'` (a space is allowed before the string).
+        let mut at = end;
+        while chars.get(at).is_some_and(|d| d.is_whitespace()) {
+            at += 1;
+        }
+        if quote_at(at) {
+            return string_end(chars, at, true).map(Some);
+        }
+    }
+    Ok(None)
 }
 
 /// Words that are never column names in the statements we read.
@@ -514,6 +701,19 @@ const KEYWORDS: &[&str] = &[
     "excluded",
     "key",
     "duplicate",
+    "constraint",
+    "order",
+    // MariaDB's operators and niladic functions.
+    "div",
+    "mod",
+    "xor",
+    "regexp",
+    "rlike",
+    "localtime",
+    "session_user",
+    "utc_date",
+    "utc_time",
+    "utc_timestamp",
 ];
 
 fn is_keyword(word: &str) -> bool {
@@ -544,20 +744,61 @@ fn name_at(tokens: &[Token], i: &mut usize) -> Option<String> {
 }
 
 /// Column names in an expression: identifiers that are not keywords, functions,
-/// parameters or qualifiers (of `t.col`, only `col`).
+/// parameters or qualifiers (of `t.col`, only `col`), nor the names and types that follow
+/// `AS` (an alias, `CAST(:v AS DATETIME)`), a constraint's name, or a unit
+/// (`INTERVAL 1 DAY`, `EXTRACT(YEAR FROM …)`, `TIMESTAMPDIFF(MINUTE, …)`).
 fn columns_in(tokens: &[Token], out: &mut BTreeSet<String>) {
+    let mut after_as = false;
     for (index, token) in tokens.iter().enumerate() {
+        let before = |back: usize| index.checked_sub(back).and_then(|at| tokens.get(at));
         let name = match token {
+            Token::Word(w) if w.eq_ignore_ascii_case("as") => {
+                after_as = true;
+                continue;
+            }
+            // `AS timestamp with time zone`, `AS CHAR CHARACTER SET utf8mb4`, `AS "Alias"`:
+            // every word up to the next other token names a type or an alias.
+            Token::Word(_) | Token::Quoted(_) if after_as => continue,
             Token::Word(w) if !is_keyword(w) => w,
             Token::Quoted(q) => q,
-            _ => continue,
+            Token::Word(_) => continue,
+            _ => {
+                after_as = false;
+                continue;
+            }
         };
         let next = tokens.get(index + 1);
         if next == Some(&Token::Punct('(')) || next == Some(&Token::Punct('.')) {
             continue;
         }
+        if word_is(before(1), "constraint") {
+            continue;
+        }
+        if matches!(before(1), Some(Token::Literal | Token::Param))
+            && word_is(before(2), "interval")
+        {
+            continue;
+        }
+        if before(1) == Some(&Token::Punct('('))
+            && ["extract", "timestampdiff", "timestampadd"]
+                .iter()
+                .any(|f| word_is(before(2), f))
+        {
+            continue;
+        }
         out.insert(name.clone());
     }
+}
+
+/// Whether a `RETURNING`/`OUTPUT` list has a `*` or `t.*` item: every column is read.
+fn names_every_column(tokens: &[Token]) -> bool {
+    tokens.iter().enumerate().any(|(index, token)| {
+        *token == Token::Punct('*')
+            && matches!(
+                index.checked_sub(1).map(|at| &tokens[at]),
+                None | Some(Token::Punct(',' | '.'))
+            )
+    })
 }
 
 /// Splits `tokens` on commas outside parentheses.
@@ -593,10 +834,27 @@ fn find_keyword(tokens: &[Token], from: usize, keyword: &str) -> Option<usize> {
     None
 }
 
-/// Reads an `INSERT`, `UPDATE` or `DELETE`: its table, the columns it writes and the
-/// columns it reads. Anything else is refused with a reason.
+/// Reads an `INSERT`, `UPDATE` or `DELETE` as PostgreSQL's lexer would: see
+/// [`parse_statement_in`].
 pub fn parse_statement(sql: &str) -> Result<Statement, String> {
-    let mut tokens = tokenize(sql)?;
+    parse_statement_in(Dialect::Postgres, sql)
+}
+
+/// MariaDB's words between the verb and the table (`INSERT IGNORE INTO`, `DELETE QUICK
+/// FROM`, `UPDATE LOW_PRIORITY t`).
+const MYSQL_MODIFIERS: &[&str] = &[
+    "low_priority",
+    "delayed",
+    "high_priority",
+    "ignore",
+    "quick",
+];
+
+/// Reads an `INSERT`, `UPDATE` or `DELETE` with `dialect`'s quotes and comments: its table,
+/// the columns it writes and the columns it reads. Anything else is refused with a reason.
+pub fn parse_statement_in(dialect: Dialect, sql: &str) -> Result<Statement, String> {
+    let lexer = Lexer::of(dialect);
+    let mut tokens = tokenize(sql, lexer)?;
     while tokens.last() == Some(&Token::Punct(';')) {
         tokens.pop();
     }
@@ -604,12 +862,19 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
         return Err("expected one statement, found several".into());
     }
     let mut i = 1;
+    if lexer.mysql {
+        while MYSQL_MODIFIERS.iter().any(|m| word_is(tokens.get(i), m)) {
+            i += 1;
+        }
+    }
     let first = tokens.first();
     let (verb, table) = if word_is(first, "insert") {
-        if !word_is(tokens.get(i), "into") {
+        if word_is(tokens.get(i), "into") {
+            i += 1;
+        } else if !lexer.mysql {
+            // MariaDB takes `INSERT t …`; the others want INTO.
             return Err("expected INSERT INTO <table>".into());
         }
-        i += 1;
         (Verb::Insert, name_at(&tokens, &mut i))
     } else if word_is(first, "update") {
         (Verb::Update, name_at(&tokens, &mut i))
@@ -624,6 +889,7 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
     let table = table.ok_or("expected a table name after the verb")?;
     let mut read = BTreeSet::new();
     let mut written = None;
+    let mut upserted = BTreeSet::new();
     // Table alias (`UPDATE patient p SET …`): skip it.
     if matches!(tokens.get(i), Some(Token::Word(w)) if !is_keyword(w) || w.eq_ignore_ascii_case("as"))
     {
@@ -632,10 +898,20 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
         }
         i += 1;
     }
-    let returning = find_keyword(&tokens, i, "returning")
-        .or_else(|| find_keyword(&tokens, i, "output"))
-        .unwrap_or(tokens.len());
-    columns_in(&tokens[returning.min(tokens.len())..], &mut read);
+    let returning_at =
+        find_keyword(&tokens, i, "returning").or_else(|| find_keyword(&tokens, i, "output"));
+    let returning = returning_at.unwrap_or(tokens.len());
+    // What RETURNING names is kept apart: MariaDB checks more than SELECT on it.
+    let (returned, returns_all) = match returning_at {
+        Some(at) => {
+            let list = &tokens[(at + 1).min(tokens.len())..];
+            let mut columns = BTreeSet::new();
+            columns_in(list, &mut columns);
+            read.extend(columns.iter().cloned());
+            (Some(columns), names_every_column(list))
+        }
+        None => (None, false),
+    };
     match verb {
         Verb::Insert => {
             if tokens.get(i) == Some(&Token::Punct('(')) {
@@ -651,9 +927,32 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
                 }
                 written = Some(columns);
                 i += close + 1;
+            } else if lexer.mysql && word_is(tokens.get(i), "set") {
+                // MariaDB's `INSERT INTO t SET a = :a, b = :b`: the targets are its column
+                // list.
+                let end = find_keyword(&tokens, i, "on")
+                    .unwrap_or(returning)
+                    .min(returning);
+                let mut columns = BTreeSet::new();
+                assignments(&tokens[i + 1..end.max(i + 1)], &mut columns, &mut read)?;
+                written = Some(columns);
+                i = end;
             }
-            // `ON CONFLICT (…) DO UPDATE SET a = …` / `ON DUPLICATE KEY UPDATE a = …`.
-            if let Some(update) = find_keyword(&tokens, i, "update") {
+            // `ON CONFLICT (…) DO UPDATE SET a = … [WHERE …]` / `ON DUPLICATE KEY UPDATE
+            // a = …`: the values and the conflict target are read, the targets updated
+            // when the row exists.
+            let update = find_keyword(&tokens, i, "update").filter(|&u| u < returning);
+            let values_end = update.unwrap_or(returning);
+            // (`VALUES(b)` after the UPDATE is MariaDB's function, not the row list.)
+            let values = find_keyword(&tokens, i, "values").filter(|&v| v < values_end);
+            if values.is_none() && find_keyword(&tokens, i, "select").is_some() {
+                return Err("INSERT … SELECT reads other tables: write the grants by hand".into());
+            }
+            columns_in(
+                &tokens[values.unwrap_or(i).min(values_end)..values_end],
+                &mut read,
+            );
+            if let Some(update) = update {
                 let end = find_keyword(&tokens, update, "where")
                     .unwrap_or(returning)
                     .min(returning);
@@ -662,29 +961,9 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
                 } else {
                     update + 1
                 };
-                let mut updated = BTreeSet::new();
-                assignments(&tokens[start.min(end)..end], &mut updated, &mut read)?;
+                assignments(&tokens[start.min(end)..end], &mut upserted, &mut read)?;
                 columns_in(&tokens[end..returning], &mut read);
-                return Ok(Statement {
-                    verb,
-                    table,
-                    written,
-                    read,
-                })
-                .map(|mut s| {
-                    // The upsert also updates: report the columns as written too.
-                    if let Some(written) = &mut s.written {
-                        written.extend(updated);
-                    }
-                    s
-                });
             }
-            let values = find_keyword(&tokens, i, "values").unwrap_or(i);
-            let select = find_keyword(&tokens, i, "select");
-            if select.is_some() && find_keyword(&tokens, i, "values").is_none() {
-                return Err("INSERT … SELECT reads other tables: write the grants by hand".into());
-            }
-            columns_in(&tokens[values.min(returning)..returning], &mut read);
         }
         Verb::Update => {
             if !word_is(tokens.get(i), "set") {
@@ -714,6 +993,9 @@ pub fn parse_statement(sql: &str) -> Result<Statement, String> {
         table,
         written,
         read,
+        upserted,
+        returned,
+        returns_all,
     })
 }
 
@@ -1103,11 +1385,17 @@ pub fn sink_script(needs: &SinkNeeds) -> String {
         if table.delete {
             out.push_str(&format!("GRANT DELETE ON {on} TO {grantee};\n"));
         }
-        if !table.select.is_empty() {
-            out.push_str(
-                &columns_for("SELECT", &table.select)
-                    .replace(";\n", ";  -- read by WHERE, RETURNING or SET expressions\n"),
-            );
+        if table.select_all {
+            out.push_str(&format!(
+                "GRANT SELECT ON {on} TO {grantee};  -- RETURNING * reads every column\n"
+            ));
+        } else if !table.select.is_empty() {
+            let why = if d == Dialect::MariaDb {
+                ";  -- read by WHERE, RETURNING or SET expressions; MariaDB also checks the columns of an INSERT … RETURNING or ON DUPLICATE KEY UPDATE\n"
+            } else {
+                ";  -- read by WHERE, RETURNING or SET expressions\n"
+            };
+            out.push_str(&columns_for("SELECT", &table.select).replace(";\n", why));
         }
         if d == Dialect::Postgres && table.insert.is_some() {
             out.push_str(&format!(
@@ -1250,6 +1538,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.written, Some(set(&["a", "b"])));
+        assert_eq!(s.upserted, set(&["b"]));
+        // The conflict target is read (PostgreSQL wants SELECT on it), EXCLUDED.b too.
+        assert_eq!(s.read, set(&["a", "b"]));
+        assert_eq!(s.returned, None);
 
         assert!(parse_statement("SELECT * FROM patient").is_err());
         assert!(parse_statement("DELETE FROM a; DROP TABLE b").is_err());
@@ -1304,5 +1596,310 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("operations.bad"), "{err}");
+    }
+
+    /// The script's lines for one MariaDB sink with `operations`, on database `od`.
+    fn mariadb_script(operations: &[(&str, &str)]) -> String {
+        let needs = SinkNeeds::of_operations(
+            "w",
+            "mysql://writer:pw@127.0.0.1/od",
+            operations.iter().copied(),
+        )
+        .unwrap();
+        sink_script(&needs)
+    }
+
+    fn has_line(script: &str, line: &str) {
+        assert!(
+            script
+                .lines()
+                .any(|l| l == line || l.starts_with(&format!("{line}  --"))),
+            "missing {line:?} in\n{script}"
+        );
+    }
+
+    #[test]
+    fn mariadb_insert_returning_wants_insert_and_select_on_both_lists() {
+        let sql = "INSERT INTO appointment (PatNum, AptDateTime, Note) VALUES (:patnum, :start, :note) RETURNING AptNum, AptDateTime, Note";
+        let script = mariadb_script(&[("book", sql)]);
+        has_line(
+            &script,
+            "GRANT INSERT (`AptDateTime`, `AptNum`, `Note`, `PatNum`) ON `od`.`appointment` TO 'writer'@'%';",
+        );
+        has_line(
+            &script,
+            "GRANT SELECT (`AptDateTime`, `AptNum`, `Note`, `PatNum`) ON `od`.`appointment` TO 'writer'@'%';",
+        );
+        // PostgreSQL checks only what the statement writes and reads.
+        let needs =
+            SinkNeeds::of_operations("w", "postgres://writer@h/pms", [("book", sql)]).unwrap();
+        let pg = sink_script(&needs);
+        has_line(
+            &pg,
+            "GRANT INSERT (\"AptDateTime\", \"Note\", \"PatNum\") ON TABLE \"appointment\" TO \"writer\";",
+        );
+        has_line(
+            &pg,
+            "GRANT SELECT (\"AptDateTime\", \"AptNum\", \"Note\") ON TABLE \"appointment\" TO \"writer\";",
+        );
+        // Even a RETURNING that names no column wants SELECT on the inserted ones; without
+        // RETURNING, nothing is read.
+        let script = mariadb_script(&[("a", "INSERT INTO t (a, b) VALUES (:a, :b) RETURNING 1")]);
+        has_line(
+            &script,
+            "GRANT SELECT (`a`, `b`) ON `od`.`t` TO 'writer'@'%';",
+        );
+        let script = mariadb_script(&[("a", "INSERT INTO t SET a = :a, b = :b RETURNING c")]);
+        has_line(
+            &script,
+            "GRANT INSERT (`a`, `b`, `c`) ON `od`.`t` TO 'writer'@'%';",
+        );
+        has_line(
+            &script,
+            "GRANT SELECT (`a`, `b`, `c`) ON `od`.`t` TO 'writer'@'%';",
+        );
+        let script = mariadb_script(&[("a", "INSERT INTO t (a, b) VALUES (:a, :b)")]);
+        assert!(!script.contains("GRANT SELECT"), "{script}");
+    }
+
+    #[test]
+    fn mariadb_insert_without_a_column_list_returning() {
+        // INSERT on the whole table covers the returned columns; MariaDB 10.11 then wants
+        // SELECT on the returned columns only (checked on the server: no table-level
+        // SELECT needed).
+        let script = mariadb_script(&[(
+            "add",
+            "INSERT INTO patient VALUES (:patnum, :lname, :fname) RETURNING PatNum, LName",
+        )]);
+        has_line(&script, "GRANT INSERT ON `od`.`patient` TO 'writer'@'%';");
+        has_line(
+            &script,
+            "GRANT SELECT (`LName`, `PatNum`) ON `od`.`patient` TO 'writer'@'%';",
+        );
+        assert!(
+            !script.contains("GRANT SELECT ON `od`.`patient`"),
+            "{script}"
+        );
+        // A later operation with a column list keeps the whole-table INSERT.
+        let script = mariadb_script(&[
+            (
+                "add",
+                "INSERT INTO patient VALUES (:p, :l) RETURNING PatNum",
+            ),
+            (
+                "add2",
+                "INSERT INTO patient (PatNum) VALUES (:p) RETURNING LName",
+            ),
+        ]);
+        has_line(&script, "GRANT INSERT ON `od`.`patient` TO 'writer'@'%';");
+        has_line(
+            &script,
+            "GRANT SELECT (`LName`, `PatNum`) ON `od`.`patient` TO 'writer'@'%';",
+        );
+    }
+
+    #[test]
+    fn returning_star_wants_select_on_the_whole_table() {
+        for url in ["mysql://writer@h/od", "postgres://writer@h/od"] {
+            let needs = SinkNeeds::of_operations(
+                "w",
+                url,
+                [("add", "INSERT INTO t (a) VALUES (:a) RETURNING t.*, a * 2")],
+            )
+            .unwrap();
+            assert!(needs.tables[0].select_all, "{url}");
+            let script = sink_script(&needs);
+            assert!(
+                script.contains("GRANT SELECT ON ")
+                    && script.contains("-- RETURNING * reads every column"),
+                "{script}"
+            );
+        }
+        let s = parse_statement("DELETE FROM t WHERE id = :id RETURNING *").unwrap();
+        assert!(s.returns_all);
+        let s = parse_statement("UPDATE t SET a = b * 2 WHERE id = :id RETURNING a * 2").unwrap();
+        assert!(!s.returns_all);
+    }
+
+    #[test]
+    fn upserts_want_update_on_what_they_set() {
+        let needs = SinkNeeds::of_operations(
+            "w",
+            "postgres://writer@h/pms",
+            [(
+                "upsert",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON CONFLICT (id) DO UPDATE SET b = EXCLUDED.b WHERE t.c > 1",
+            )],
+        )
+        .unwrap();
+        let t = &needs.tables[0];
+        assert_eq!(t.insert, Some(Some(set(&["a", "id"]))));
+        assert_eq!(t.update, set(&["b"]));
+        assert_eq!(t.select, set(&["b", "c", "id"]));
+        // MariaDB: UPDATE on the inserted columns too, SELECT on the ones set.
+        let script = mariadb_script(&[(
+            "upsert",
+            "INSERT INTO appointment (PatNum, AptDateTime, Note) VALUES (:p, :s, :n) ON DUPLICATE KEY UPDATE Note = VALUES(Note)",
+        )]);
+        has_line(
+            &script,
+            "GRANT INSERT (`AptDateTime`, `Note`, `PatNum`) ON `od`.`appointment` TO 'writer'@'%';",
+        );
+        has_line(
+            &script,
+            "GRANT UPDATE (`AptDateTime`, `Note`, `PatNum`) ON `od`.`appointment` TO 'writer'@'%';",
+        );
+        has_line(
+            &script,
+            "GRANT SELECT (`Note`) ON `od`.`appointment` TO 'writer'@'%';",
+        );
+        let script = mariadb_script(&[(
+            "upsert",
+            "INSERT INTO t VALUES (:id, :b) ON DUPLICATE KEY UPDATE b = 3 RETURNING id",
+        )]);
+        has_line(&script, "GRANT INSERT ON `od`.`t` TO 'writer'@'%';");
+        has_line(
+            &script,
+            "GRANT UPDATE (`b`, `id`) ON `od`.`t` TO 'writer'@'%';",
+        );
+        has_line(
+            &script,
+            "GRANT SELECT (`b`, `id`) ON `od`.`t` TO 'writer'@'%';",
+        );
+    }
+
+    #[test]
+    fn system_variables_are_not_columns() {
+        for dialect in [Dialect::MariaDb, Dialect::Postgres, Dialect::SqlServer] {
+            let s = parse_statement_in(
+                dialect,
+                "INSERT INTO appointment (start) VALUES (CONVERT_TZ(:start, '+00:00', @@session.time_zone)) \
+                 RETURNING @@time_zone, @@GLOBAL.time_zone, @v, @@identity",
+            )
+            .unwrap();
+            assert_eq!(s.written, Some(set(&["start"])), "{dialect:?}");
+            assert_eq!(s.read, BTreeSet::new(), "{dialect:?}");
+        }
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "UPDATE t SET a = @`my var`, b = @'x''y' WHERE id = @@session.sql_mode",
+        )
+        .unwrap();
+        assert_eq!((s.written, s.read), (Some(set(&["a", "b"])), set(&["id"])));
+    }
+
+    #[test]
+    fn mariadb_comments_are_not_read() {
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "UPDATE t SET a = :a # and b = c, it's done\nWHERE id = :id -- d = e\n",
+        )
+        .unwrap();
+        assert_eq!(s.written, Some(set(&["a"])));
+        assert_eq!(s.read, set(&["id"]));
+        // `--` without a space is minus minus, not a comment.
+        let s =
+            parse_statement_in(Dialect::MariaDb, "UPDATE t SET a = 1--b\nWHERE id = :id").unwrap();
+        assert_eq!(s.read, set(&["b", "id"]));
+        // Comments do not nest in MariaDB; they do in PostgreSQL.
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "UPDATE t SET a = /* x /* y */ b WHERE id = 1",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["b", "id"]));
+        let s = parse_statement_in(
+            Dialect::Postgres,
+            "UPDATE t SET a = /* x /* y */ b */ c WHERE id = 1",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["c", "id"]));
+        // Executable comments are code to MariaDB.
+        for sql in [
+            "UPDATE t SET a = 1 /*! , b = 2 */ WHERE id = :id",
+            "UPDATE t SET a = 1 /*M!100500 , b = 2 */ WHERE id = :id",
+        ] {
+            let err = parse_statement_in(Dialect::MariaDb, sql).unwrap_err();
+            assert!(err.contains("executable comments"), "{err}");
+        }
+        assert!(parse_statement_in(Dialect::MariaDb, "UPDATE t SET a = 1 /* open").is_err());
+    }
+
+    #[test]
+    fn backslash_escaped_quotes_stay_in_their_string() {
+        let sql = "UPDATE t SET note = 'it\\'s, x = y' WHERE id = :id";
+        let s = parse_statement_in(Dialect::MariaDb, sql).unwrap();
+        assert_eq!(s.written, Some(set(&["note"])));
+        assert_eq!(s.read, set(&["id"]));
+        // In standard SQL the backslash is a character: that string ends early, and the
+        // rest leaves a quote open.
+        assert!(parse_statement(sql).is_err());
+        // PostgreSQL's E'…' strings take backslash escapes; the E is not a column.
+        let s = parse_statement("UPDATE t SET note = E'it\\'s, x = y' WHERE id = :id").unwrap();
+        assert_eq!(s.read, set(&["id"]));
+        // An escaped backslash ends before the quote.
+        let s = parse_statement_in(Dialect::MariaDb, "UPDATE t SET a = 'x\\\\', b = c").unwrap();
+        assert_eq!((s.written, s.read), (Some(set(&["a", "b"])), set(&["c"])));
+        // Prefixed strings and introducers are literals.
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "UPDATE t SET a = _utf8mb4 'x', b = _binary\"y\", c = X'4F', d = N'z' WHERE id = :id",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["id"]));
+    }
+
+    #[test]
+    fn double_quotes_are_strings_in_mariadb_and_names_elsewhere() {
+        let sql = "UPDATE t SET note = \"done \\\" \"\" here\" WHERE id = :id";
+        let s = parse_statement_in(Dialect::MariaDb, sql).unwrap();
+        assert_eq!(s.read, set(&["id"]));
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "UPDATE t SET note = \"done\" WHERE id = :id",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["id"]));
+        let s = parse_statement_in(
+            Dialect::Postgres,
+            "UPDATE t SET note = \"done\" WHERE id = :id",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["done", "id"]));
+        // Through the sink: the string is no granted column.
+        let script = mariadb_script(&[("a", "INSERT INTO t (a) VALUES (\"x\") RETURNING id")]);
+        assert!(!script.contains("`x`"), "{script}");
+        // A MariaDB table name is never a string.
+        assert!(parse_statement_in(Dialect::MariaDb, "UPDATE \"t\" SET a = 1").is_err());
+        let s = parse_statement_in(Dialect::MariaDb, "UPDATE `my t` SET `a b` = 1").unwrap();
+        assert_eq!((s.table.as_str(), s.written), ("my t", Some(set(&["a b"]))));
+    }
+
+    #[test]
+    fn types_aliases_and_units_are_not_columns() {
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "INSERT IGNORE INTO appointment (start, n) VALUES (CAST(:s AS DATETIME), CAST(:n AS CHAR CHARACTER SET utf8mb4)) \
+             RETURNING aptnum AS id, start + INTERVAL 1 DAY, EXTRACT(YEAR FROM start), TIMESTAMPDIFF(MINUTE, start, NOW()), n DIV 2",
+        )
+        .unwrap();
+        assert_eq!(s.table, "appointment");
+        assert_eq!(s.returned, Some(set(&["aptnum", "n", "start"])));
+        let s = parse_statement(
+            "UPDATE t SET a = CAST(:a AS timestamp with time zone) WHERE id = :id RETURNING a AS \"A\"",
+        )
+        .unwrap();
+        assert_eq!(s.read, set(&["a", "id"]));
+        let s = parse_statement(
+            "INSERT INTO t (id, a) VALUES (:id, :a) ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING",
+        )
+        .unwrap();
+        assert_eq!(s.read, BTreeSet::new());
+        let s = parse_statement_in(
+            Dialect::MariaDb,
+            "DELETE LOW_PRIORITY FROM t WHERE id = :id ORDER BY id LIMIT 1",
+        )
+        .unwrap();
+        assert_eq!((s.table.as_str(), s.read), ("t", set(&["id"])));
     }
 }

@@ -27,6 +27,7 @@ pub mod grants;
 pub mod ident;
 pub mod mssql;
 pub mod mysql;
+pub mod pgbinary;
 pub mod pgoutput;
 mod poll;
 pub mod postgres;
@@ -49,8 +50,67 @@ pub struct Batch {
     /// In commit order, and in order within each transaction. May be empty: a heartbeat
     /// that only moves the position on.
     pub events: Vec<ChangeEvent>,
+    /// Snapshot rows already written as events (after `events`, in key order), for
+    /// sources that read snapshots faster than events could be built one by one.
+    pub encoded: Option<EncodedEvents>,
     /// Where to resume once these events are durable.
     pub position: Position,
+}
+
+impl Batch {
+    /// Every event of the batch as values: `events`, then the encoded ones.
+    pub fn all_events(&self) -> Result<Vec<ChangeEvent>, SqlError> {
+        let mut all = self.events.clone();
+        if let Some(encoded) = &self.encoded {
+            all.extend(encoded.decode()?);
+        }
+        Ok(all)
+    }
+}
+
+/// Change events of one table and operation, already encoded as newline-delimited JSON
+/// (one [`ChangeEvent`] object per line, each line ending in `\n`). The agent queues such a
+/// chunk as one item, so a snapshot of millions of rows is not millions of queue items.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedEvents {
+    /// The table as named in the config.
+    pub table: String,
+    /// The operation of every event in the chunk.
+    pub op: Op,
+    /// How many events (lines).
+    pub count: usize,
+    /// The events, one JSON object per line.
+    pub ndjson: Vec<u8>,
+}
+
+impl EncodedEvents {
+    /// Encodes `events`, all of `table` and `op`, one per line.
+    pub fn encode(table: &str, op: Op, events: &[ChangeEvent]) -> Result<Self, SqlError> {
+        let mut ndjson = Vec::with_capacity(events.len() * 256);
+        for event in events {
+            serde_json::to_writer(&mut ndjson, event)
+                .map_err(|err| SqlError::Decode(format!("encode a change event: {err}")))?;
+            ndjson.push(b'\n');
+        }
+        Ok(EncodedEvents {
+            table: table.to_owned(),
+            op,
+            count: events.len(),
+            ndjson,
+        })
+    }
+
+    /// Parses the events back into values (tests, and consumers that want values).
+    pub fn decode(&self) -> Result<Vec<ChangeEvent>, SqlError> {
+        self.ndjson
+            .split(|byte| *byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                serde_json::from_slice(line)
+                    .map_err(|err| SqlError::Decode(format!("an encoded change event: {err}")))
+            })
+            .collect()
+    }
 }
 
 /// A running change capture.
@@ -63,6 +123,14 @@ pub trait ChangeSource: Send {
     /// The caller has made every event up to `position` durable: the source may let the
     /// database forget them.
     async fn committed(&mut self, position: &Position) -> Result<(), SqlError>;
+
+    /// Whether the next batch may be read before the caller has made the last one durable
+    /// and called [`ChangeSource::committed`] (the caller then keeps a few batches in
+    /// flight to its queue, in order). Only where `committed` changes nothing the next read
+    /// depends on; the default is no.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
 
     /// How far behind the database the source is, where the database can tell (for health
     /// reports). Called between batches; the default knows nothing.

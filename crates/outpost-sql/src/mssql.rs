@@ -487,6 +487,7 @@ impl MsSource {
                     after: None,
                 };
                 return Ok(Batch {
+                    encoded: None,
                     events: Vec::new(),
                     position: self.position.to_position(),
                 });
@@ -553,6 +554,7 @@ impl MsSource {
             }
             if !events.is_empty() {
                 return Ok(Batch {
+                    encoded: None,
                     events,
                     position: self.position.to_position(),
                 });
@@ -662,6 +664,7 @@ impl MsSource {
         events.sort_by_key(|(version, _)| *version);
         self.position.version = current;
         Ok(Some(Batch {
+            encoded: None,
             events: events.into_iter().map(|(_, e)| e).collect(),
             position: self.position.to_position(),
         }))

@@ -57,7 +57,9 @@ use serde_json::Value;
 
 use self::value::{binlog_to_json, to_json, KeyValue, Kind};
 use crate::ident::{quote_mysql, split_qualified};
-use crate::{Batch, ChangeEvent, ChangeSource, Op, Position, Row, SourceConfig, SqlError};
+use crate::{
+    Batch, ChangeEvent, ChangeSource, EncodedEvents, Op, Position, Row, SourceConfig, SqlError,
+};
 
 /// How long a binlog connection may stay silent (the server sends a heartbeat every second
 /// when it has nothing else) before it is taken for dead.
@@ -348,6 +350,7 @@ impl MySqlSource {
         loop {
             let Phase::Snapshot { table, after, open } = &self.phase else {
                 return Ok(Batch {
+                    encoded: None,
                     events,
                     position: self.stream_position(),
                 });
@@ -427,8 +430,11 @@ impl MySqlSource {
             if events.is_empty() || next_table >= self.tables.len() {
                 continue;
             }
+            // One queue item for the chunk, not one per row.
+            let encoded = EncodedEvents::encode(&spec.config_name, Op::Snapshot, &events)?;
             return Ok(Batch {
-                events,
+                encoded: Some(encoded),
+                events: Vec::new(),
                 position: self.position(Stored {
                     snapshot: Some(at_text),
                     table: Some(next_table),
@@ -464,6 +470,7 @@ impl MySqlSource {
         self.yielded = Some(self.at.clone());
         tracing::info!(binlog = %self.at.text(), "snapshot done; streaming");
         Ok(Batch {
+            encoded: None,
             events,
             position: self.stream_position(),
         })
@@ -717,6 +724,7 @@ impl MySqlSource {
         self.last_yield = Instant::now();
         self.yielded = Some(self.at.clone());
         Ok(Some(Batch {
+            encoded: None,
             events,
             position: self.stream_position(),
         }))
@@ -732,6 +740,7 @@ impl MySqlSource {
         self.last_yield = Instant::now();
         self.yielded = Some(self.at.clone());
         Batch {
+            encoded: None,
             events: Vec::new(),
             position: self.stream_position(),
         }

@@ -41,20 +41,26 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use crate::event::{pg_epoch_micros_to_rfc3339, pg_text_to_json};
 use crate::ident::{pg_object_name, quote, split_qualified};
 use crate::pgoutput::{self, format_lsn, parse_lsn, Datum, Message, OldKind};
+mod snapshot;
+
 use crate::{Batch, ChangeEvent, ChangeSource, Op, Position, Row, SourceConfig, SqlError};
 
-/// How long an idle stream waits between reads of the slot.
+/// How long an idle stream waits between reads of the slot, at most: the wait starts at
+/// [`BUSY_POLL`] after a read that found changes and doubles with each empty one, so a busy
+/// database's changes are picked up within milliseconds and a quiet one is asked five
+/// times a second.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+const BUSY_POLL: Duration = Duration::from_millis(5);
 
 /// A table as found in the database.
 #[derive(Debug, Clone)]
@@ -142,6 +148,8 @@ enum Phase {
         /// The snapshot transaction is open on the connection, and the WAL position it
         /// was taken at.
         open_at: Option<String>,
+        /// Reads chunks ahead inside that transaction.
+        reader: Option<snapshot::Reader>,
     },
     Stream,
 }
@@ -156,7 +164,8 @@ struct Relation {
 /// A PostgreSQL source.
 pub struct PgSource {
     name: String,
-    client: Client,
+    /// Shared with the snapshot reader while the snapshot runs.
+    client: Arc<Client>,
     connection: tokio::task::JoinHandle<()>,
     tables: Vec<PgTable>,
     slot: String,
@@ -168,9 +177,14 @@ pub struct PgSource {
     /// The slot's confirmed position as far as we know.
     confirmed: u64,
     chunk_rows: u32,
+    /// Each table's estimated rows, taken when the snapshot began (for progress reports
+    /// while the connection is busy with it).
+    snapshot_estimates: Vec<(String, u64)>,
     max_changes: u32,
     heartbeat: Duration,
     last_yield: Instant,
+    /// The next wait after a read that found nothing.
+    idle_wait: Duration,
 }
 
 impl Drop for PgSource {
@@ -214,7 +228,7 @@ impl PgSource {
         };
         let mut source = PgSource {
             name: name.to_owned(),
-            client,
+            client: Arc::new(client),
             connection,
             tables,
             slot,
@@ -225,13 +239,16 @@ impl PgSource {
                 table: 0,
                 after: None,
                 open_at: None,
+                reader: None,
             },
             relations: HashMap::new(),
             confirmed,
             chunk_rows: config.chunk_rows,
+            snapshot_estimates: Vec::new(),
             max_changes: config.max_changes,
             heartbeat: config.heartbeat,
             last_yield: Instant::now(),
+            idle_wait: BUSY_POLL,
         };
         if let Some(stored) = stored {
             if let Some(text) = &stored.snapshot {
@@ -247,6 +264,7 @@ impl PgSource {
                         table,
                         after: stored.after,
                         open_at: None,
+                        reader: None,
                     };
                     tracing::info!(table, "resuming the snapshot");
                 }
@@ -297,112 +315,83 @@ impl PgSource {
 
     /// One snapshot chunk (or the switch to streaming).
     async fn snapshot_batch(&mut self) -> Result<Batch, SqlError> {
-        loop {
-            let Phase::Snapshot {
-                table,
-                after,
-                open_at,
-            } = &mut self.phase
-            else {
-                return Ok(Batch {
+        let Phase::Snapshot {
+            table,
+            after,
+            open_at,
+            reader,
+        } = &mut self.phase
+        else {
+            return Ok(Batch {
+                encoded: None,
+                events: Vec::new(),
+                position: self.position(None, None, None),
+            });
+        };
+        if open_at.is_none() {
+            self.client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|err| SqlError::pg("begin the snapshot", err))?;
+            let row = self
+                .client
+                .query_one(
+                    "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text",
+                    &[],
+                )
+                .await
+                .map_err(|err| SqlError::pg("take the snapshot", err))?;
+            let text: String = row.get(0);
+            let lsn: String = row.get(1);
+            if self.snapshot.is_none() {
+                self.snapshot = Some(
+                    SnapshotXids::parse(&text)
+                        .ok_or_else(|| SqlError::Decode(format!("snapshot {text:?}")))?,
+                );
+                self.snapshot_text = Some(text);
+            }
+            tracing::info!(tables = self.tables.len(), "snapshot started");
+            *open_at = Some(lsn);
+            self.snapshot_estimates = estimate_rows(&self.client, &self.tables).await?;
+        }
+        let running = match reader {
+            Some(running) => running,
+            None => reader.insert(snapshot::Reader::start(
+                self.client.clone(),
+                &self.name,
+                &self.tables,
+                *table,
+                after.take(),
+                self.chunk_rows,
+                open_at.as_deref().unwrap_or_default(),
+            )),
+        };
+        match running.next().await? {
+            snapshot::Read::Chunk {
+                encoded,
+                table: resume_table,
+                after: resume_after,
+            } => {
+                *table = resume_table;
+                Ok(Batch {
+                    encoded: Some(encoded),
                     events: Vec::new(),
-                    position: self.position(None, None, None),
-                });
-            };
-            let at = match open_at {
-                Some(at) => at.clone(),
-                None => {
-                    self.client
-                        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                        .await
-                        .map_err(|err| SqlError::pg("begin the snapshot", err))?;
-                    let row = self
-                        .client
-                        .query_one(
-                            "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text",
-                            &[],
-                        )
-                        .await
-                        .map_err(|err| SqlError::pg("take the snapshot", err))?;
-                    let text: String = row.get(0);
-                    let lsn: String = row.get(1);
-                    if self.snapshot.is_none() {
-                        self.snapshot = Some(
-                            SnapshotXids::parse(&text)
-                                .ok_or_else(|| SqlError::Decode(format!("snapshot {text:?}")))?,
-                        );
-                        self.snapshot_text = Some(text);
-                    }
-                    *open_at = Some(lsn.clone());
-                    tracing::info!(tables = self.tables.len(), "snapshot started");
-                    lsn
-                }
-            };
-            let index = *table;
-            let Some(spec) = self.tables.get(index).cloned() else {
+                    position: self.position(Some(resume_table), resume_after, None),
+                })
+            }
+            snapshot::Read::Done => {
+                self.phase = Phase::Stream;
                 self.client
                     .batch_execute("COMMIT")
                     .await
                     .map_err(|err| SqlError::pg("end the snapshot", err))?;
-                self.phase = Phase::Stream;
                 tracing::info!("snapshot done; streaming");
-                return Ok(Batch {
+                Ok(Batch {
+                    encoded: None,
                     events: Vec::new(),
                     position: self.position(None, None, None),
-                });
-            };
-            let rows = read_chunk(&self.client, &spec, after.as_deref(), self.chunk_rows).await?;
-            let full = rows.len() >= self.chunk_rows as usize;
-            let mut events = Vec::with_capacity(rows.len());
-            let mut last_key = None;
-            for row in rows {
-                let mut after_row = Row::new();
-                let mut key_text = Vec::with_capacity(spec.key.len());
-                for (i, (column, oid, _)) in spec.columns.iter().enumerate() {
-                    let text: Option<String> = row.try_get(i).map_err(|err| {
-                        SqlError::pg(format!("read table {}", spec.config_name), err)
-                    })?;
-                    after_row.insert(
-                        column.clone(),
-                        text.as_deref()
-                            .map_or(Value::Null, |t| pg_text_to_json(*oid, t)),
-                    );
-                }
-                for (i, _) in spec.key.iter().enumerate() {
-                    let text: Option<String> =
-                        row.try_get(spec.columns.len() + i).map_err(|err| {
-                            SqlError::pg(format!("read table {}", spec.config_name), err)
-                        })?;
-                    key_text.push(text.unwrap_or_default());
-                }
-                events.push(ChangeEvent {
-                    source: self.name.clone(),
-                    table: spec.config_name.clone(),
-                    op: Op::Snapshot,
-                    key: key_of(&spec.key, &after_row),
-                    before: None,
-                    after: Some(after_row),
-                    position: Some(at.clone()),
-                    tx: None,
-                    commit_time: None,
-                    id: None,
-                });
-                last_key = Some(key_text);
+                })
             }
-            if full {
-                *after = last_key.clone();
-            } else {
-                *table += 1;
-                *after = None;
-            }
-            let (table_now, after_now) = (*table, after.clone());
-            if events.is_empty() {
-                continue;
-            }
-            return Ok(Batch {
-                events,
-                position: self.position(Some(table_now), after_now, None),
-            });
         }
     }
 
@@ -442,7 +431,9 @@ impl PgSource {
             };
             if !events.is_empty() {
                 self.last_yield = Instant::now();
+                self.idle_wait = BUSY_POLL;
                 return Ok(Batch {
+                    encoded: None,
                     events,
                     position: self.position(None, None, lsn),
                 });
@@ -452,11 +443,13 @@ impl PgSource {
             if moved && (!rows.is_empty() || self.last_yield.elapsed() >= self.heartbeat) {
                 self.last_yield = Instant::now();
                 return Ok(Batch {
+                    encoded: None,
                     events,
                     position: self.position(None, None, lsn),
                 });
             }
-            tokio::time::sleep(IDLE_POLL).await;
+            tokio::time::sleep(self.idle_wait).await;
+            self.idle_wait = (self.idle_wait * 2).min(IDLE_POLL);
         }
     }
 
@@ -666,6 +659,11 @@ fn key_of(key: &[String], row: &Row) -> Row {
 
 #[async_trait::async_trait]
 impl ChangeSource for PgSource {
+    /// During the snapshot `committed` does nothing (the slot moves only in the stream).
+    fn reads_ahead(&self) -> bool {
+        matches!(self.phase, Phase::Snapshot { .. })
+    }
+
     async fn next_batch(&mut self) -> Result<Batch, SqlError> {
         if self.connection.is_finished() {
             return Err(SqlError::db(
@@ -692,6 +690,19 @@ impl ChangeSource for PgSource {
     /// snapshot each table's estimated rows (`reltuples`, or the statistics' live-row count
     /// for a table never analysed).
     async fn progress(&mut self) -> Result<crate::Progress, SqlError> {
+        if let Phase::Snapshot {
+            reader: Some(_), ..
+        } = &self.phase
+        {
+            // The connection is streaming the snapshot to the reader, which waits for the
+            // caller to take its chunks: a query now would wait behind the snapshot's rows
+            // for ever. The estimates taken when the snapshot began serve instead.
+            return Ok(crate::Progress {
+                bytes_behind: None,
+                snapshot_estimates: self.snapshot_estimates.clone(),
+                snapshotting: true,
+            });
+        }
         let behind: Option<i64> = self
             .client
             .query_opt(
@@ -703,30 +714,41 @@ impl ChangeSource for PgSource {
             .map_err(|err| SqlError::pg("read the slot's lag", err))?
             .and_then(|row| row.get(0));
         let snapshotting = matches!(self.phase, Phase::Snapshot { .. });
-        let mut snapshot_estimates = Vec::new();
-        if snapshotting {
-            for table in &self.tables {
-                let row = self
-                    .client
-                    .query_opt(
-                        "SELECT GREATEST(c.reltuples::bigint, COALESCE(s.n_live_tup, 0)) \
-                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
-                         WHERE n.nspname = $1 AND c.relname = $2",
-                        &[&table.schema, &table.name],
-                    )
-                    .await
-                    .map_err(|err| SqlError::pg("estimate table rows", err))?;
-                let rows: i64 = row.map(|r| r.get(0)).unwrap_or(0);
-                snapshot_estimates.push((table.config_name.clone(), rows.max(0) as u64));
-            }
-        }
+        let snapshot_estimates = if snapshotting {
+            estimate_rows(&self.client, &self.tables).await?
+        } else {
+            Vec::new()
+        };
         Ok(crate::Progress {
             bytes_behind: behind.map(|b| b.max(0) as u64),
             snapshot_estimates,
             snapshotting,
         })
     }
+}
+
+/// Each table's estimated rows (`reltuples`, or the statistics' live-row count for a table
+/// never analysed).
+async fn estimate_rows(
+    client: &Client,
+    tables: &[PgTable],
+) -> Result<Vec<(String, u64)>, SqlError> {
+    let mut estimates = Vec::with_capacity(tables.len());
+    for table in tables {
+        let row = client
+            .query_opt(
+                "SELECT GREATEST(c.reltuples::bigint, COALESCE(s.n_live_tup, 0)) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(|err| SqlError::pg("estimate table rows", err))?;
+        let rows: i64 = row.map(|r| r.get(0)).unwrap_or(0);
+        estimates.push((table.config_name.clone(), rows.max(0) as u64));
+    }
+    Ok(estimates)
 }
 
 async fn connect(config: &SourceConfig) -> Result<(Client, tokio::task::JoinHandle<()>), SqlError> {
@@ -946,59 +968,6 @@ async fn slot_confirmed(client: &Client, slot: &str) -> Result<u64, SqlError> {
 
 /// The next `limit` rows after `after` in key order, every column as text, then the key
 /// columns again as text (for the resume point).
-async fn read_chunk(
-    client: &Client,
-    table: &PgTable,
-    after: Option<&[String]>,
-    limit: u32,
-) -> Result<Vec<tokio_postgres::Row>, SqlError> {
-    let select: Vec<String> = table
-        .columns
-        .iter()
-        .map(|(c, _, _)| format!("{}::text", quote(c)))
-        .chain(table.key.iter().map(|k| format!("{}::text", quote(k))))
-        .collect();
-    // Qualified with the table's alias: a bare `ORDER BY "id"` would sort by the output
-    // column `"id"::text` (output names win in ORDER BY), i.e. as text, and the chunks
-    // (`WHERE key > last`, compared as the key's own type) would skip rows.
-    let keys: Vec<String> = table
-        .key
-        .iter()
-        .map(|k| format!("t.{}", quote(k)))
-        .collect();
-    let mut sql = format!("SELECT {} FROM {} AS t", select.join(", "), table.quoted());
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if let Some(after) = after {
-        let casts: Vec<String> = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let ty = table
-                    .columns
-                    .iter()
-                    .find(|(c, _, _)| c == k)
-                    .map(|(_, _, ty)| ty.as_str())
-                    .unwrap_or("text");
-                format!("${}::text::{ty}", i + 1)
-            })
-            .collect();
-        sql.push_str(&format!(
-            " WHERE ({}) > ({})",
-            keys.join(", "),
-            casts.join(", ")
-        ));
-        for value in after {
-            params.push(value);
-        }
-    }
-    sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", keys.join(", ")));
-    client
-        .query(&sql, &params)
-        .await
-        .map_err(|err| SqlError::pg(format!("read table {}", table.config_name), err))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -253,7 +253,11 @@ impl ChangeSource for SqlitePoll {
             }
             let position = Position(pending.position.clone());
             self.pending = Some(pending);
-            return Ok(Batch { events, position });
+            return Ok(Batch {
+                encoded: None,
+                events,
+                position,
+            });
         }
     }
 

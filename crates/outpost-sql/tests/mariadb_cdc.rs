@@ -83,7 +83,7 @@ async fn take(source: &mut Box<dyn ChangeSource>, count: usize) -> (Vec<ChangeEv
     let mut position = None;
     while events.len() < count {
         let batch = next(source).await;
-        events.extend(batch.events);
+        events.extend(batch.all_events().unwrap());
         source.committed(&batch.position).await.unwrap();
         position = Some(batch.position);
     }
@@ -282,7 +282,7 @@ async fn a_change_committed_during_the_snapshot_arrives_exactly_once() {
     let mut source = open(&db, &config, None).await;
     // The snapshot transaction is open after the first chunk (patients 1 and 2).
     let first = next(&mut source).await;
-    assert_eq!(summary(&first.events).len(), 2);
+    assert_eq!(first.all_events().unwrap().len(), 2);
     source.committed(&first.position).await.unwrap();
     db.sql(
         "UPDATE patient SET fname = 'After' WHERE patnum = 1;
@@ -334,7 +334,7 @@ async fn restarts_resume_without_gaps_or_repeats() {
     // Mid-snapshot: one chunk committed, then the process goes away.
     let mut source = open(&db, &config, None).await;
     let batch = next(&mut source).await;
-    assert_eq!(batch.events.len(), 2);
+    assert_eq!(batch.all_events().unwrap().len(), 2);
     source.committed(&batch.position).await.unwrap();
     let stored = batch.position.clone();
     drop(source);

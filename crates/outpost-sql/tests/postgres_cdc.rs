@@ -74,7 +74,7 @@ async fn take(source: &mut Box<dyn ChangeSource>, count: usize) -> (Vec<ChangeEv
     let mut position = None;
     while events.len() < count {
         let batch = next(source).await;
-        events.extend(batch.events);
+        events.extend(batch.all_events().unwrap());
         source.committed(&batch.position).await.unwrap();
         position = Some(batch.position);
     }
@@ -227,7 +227,7 @@ async fn restarts_resume_without_gaps_or_repeats() {
     // Mid-snapshot: one chunk committed, then the process goes away.
     let mut source = open(&db, &config, None).await;
     let batch = next(&mut source).await;
-    assert_eq!(batch.events.len(), 2);
+    assert_eq!(batch.all_events().unwrap().len(), 2);
     source.committed(&batch.position).await.unwrap();
     let stored = batch.position.clone();
     drop(source);
@@ -327,4 +327,58 @@ async fn quiet_captured_tables_still_let_the_slot_advance() {
             "the slot stayed at {now:X}, WAL is at {busy:X}"
         );
     }
+}
+
+/// A snapshot far bigger than the connection's buffers, with the progress probes the agent
+/// makes between batches: the snapshot streams on one connection, so a probe that queried
+/// the database while the reader waited for its chunk to be taken would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_snapshot_streams_while_progress_is_probed() {
+    if skip_postgres_tests("a_large_snapshot_streams_while_progress_is_probed") {
+        return;
+    }
+    const ROWS: usize = 60_000;
+    let db = PgDatabase::create();
+    db.psql(SCHEMA);
+    db.psql(&format!(
+        "INSERT INTO patient (patnum, lname, fname, balance)
+             SELECT g, 'Patient ' || g, repeat('x', 40), g / 100.0 FROM generate_series(10, {ROWS} + 4) g;
+         ANALYZE patient;"
+    ));
+    let config = config(&db, "").clone();
+    let config = SourceConfig {
+        chunk_rows: 500,
+        ..config
+    };
+    let mut source = open(&db, &config, None).await;
+    let mut patients = std::collections::HashSet::new();
+    let mut probes = 0;
+    let mut estimated = 0;
+    while patients.len() < ROWS {
+        let batch = next(&mut source).await;
+        let encoded = batch.encoded.as_ref().map_or(0, |e| e.ndjson.len());
+        assert!(encoded <= 3 * 1024 * 1024, "an item of {encoded} bytes");
+        for event in batch.all_events().unwrap() {
+            assert_eq!(event.op, Op::Snapshot);
+            if event.table == "patient" {
+                patients.insert(event.key["patnum"].as_i64().unwrap());
+            }
+        }
+        source.committed(&batch.position).await.unwrap();
+        let progress = tokio::time::timeout(Duration::from_secs(10), source.progress())
+            .await
+            .expect("a progress probe answers while the snapshot streams")
+            .unwrap();
+        probes += 1;
+        if progress.snapshotting {
+            estimated = progress
+                .snapshot_estimates
+                .iter()
+                .find(|(table, _)| table == "patient")
+                .map_or(0, |(_, rows)| *rows);
+        }
+    }
+    assert_eq!(patients.len(), ROWS, "every patient once");
+    assert!(probes > 10, "{probes} probes");
+    assert!(estimated >= ROWS as u64 / 2, "estimate {estimated}");
 }

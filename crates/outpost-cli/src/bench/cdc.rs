@@ -168,37 +168,38 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// Items of the bench source in the agent's queue whose type is `msg_type`:
-/// `received_at` in id order.
-fn queued(queue: &Path, msg_type: &str) -> anyhow::Result<Vec<i64>> {
+/// Items of the bench source in the agent's queue whose type is `msg_type`, in id order:
+/// `received_at` and how many events each holds (a snapshot chunk's control id says
+/// `<n> events`; a single event holds one).
+fn queued(queue: &Path, msg_type: &str) -> anyhow::Result<Vec<(i64, usize)>> {
     if !queue.exists() {
         return Ok(Vec::new());
     }
     let db =
         rusqlite::Connection::open_with_flags(queue, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     db.busy_timeout(Duration::from_secs(5))?;
-    let mut statement = db
-        .prepare("SELECT received_at FROM items WHERE source = ?1 AND msg_type = ?2 ORDER BY id")?;
+    let mut statement = db.prepare(
+        "SELECT received_at, control_id FROM items WHERE source = ?1 AND msg_type = ?2 ORDER BY id",
+    )?;
     let rows = statement
-        .query_map(rusqlite::params![SOURCE, msg_type], |row| row.get(0))?
-        .collect::<Result<Vec<i64>, _>>()?;
+        .query_map(rusqlite::params![SOURCE, msg_type], |row| {
+            let control_id: Option<String> = row.get(1)?;
+            Ok((row.get(0)?, events_in(control_id.as_deref())))
+        })?
+        .collect::<Result<Vec<(i64, usize)>, _>>()?;
     Ok(rows)
 }
 
+fn events_in(control_id: Option<&str>) -> usize {
+    control_id
+        .and_then(|id| id.strip_suffix(" events"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
 fn count(queue: &Path, msg_type: &str) -> usize {
-    if !queue.exists() {
-        return 0;
-    }
-    rusqlite::Connection::open_with_flags(queue, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .and_then(|db| {
-            db.busy_timeout(Duration::from_secs(5))?;
-            db.query_row(
-                "SELECT count(*) FROM items WHERE source = ?1 AND msg_type = ?2",
-                rusqlite::params![SOURCE, msg_type],
-                |row| row.get::<_, i64>(0),
-            )
-        })
-        .map(|n| n.max(0) as usize)
+    queued(queue, msg_type)
+        .map(|items| items.iter().map(|(_, n)| n).sum())
         .unwrap_or(0)
 }
 
@@ -317,8 +318,8 @@ async fn agent_round(
 
 fn print_stream(figures: &Figures, rows: u64) {
     println!(
-        "agent snapshot: {rows} rows queued in {:.2} s (first to last row committed to the queue)",
-        figures.snapshot_secs
+        "agent snapshot: {rows} rows queued; {} of them in {:.2} s from the first commit to the queue to the last",
+        figures.snapshot_rows, figures.snapshot_secs
     );
     println!(
         "agent stream: {} inserts committed in {:.1} s ({:.0}/s achieved); all queued; latency commit -> queue p50 {} ms p90 {} ms p99 {} ms max {} ms",
@@ -381,7 +382,7 @@ async fn postgres_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<St
         copy_bytes as f64 / 1e6
     );
     print_stream(&figures, rows);
-    let snapshot_rate = rows as f64 / figures.snapshot_secs.max(1e-3);
+    let snapshot_rate = figures.snapshot_rows as f64 / figures.snapshot_secs.max(1e-3);
     Ok(format!(
         "postgres {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs COPY {:.0} rows/s | ratio {:.2}",
         figures.p50,
@@ -456,7 +457,7 @@ async fn mariadb_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<Str
         dump_bytes as f64 / 1e6
     );
     print_stream(&figures, rows);
-    let snapshot_rate = rows as f64 / figures.snapshot_secs.max(1e-3);
+    let snapshot_rate = figures.snapshot_rows as f64 / figures.snapshot_secs.max(1e-3);
     Ok(format!(
         "mariadb {rate} changes/s for {seconds} s | p50 {} ms p99 {} ms | snapshot {:.0} rows/s vs dump (SELECT * via mysql_async) {:.0} rows/s | ratio {:.2}",
         figures.p50,
@@ -469,6 +470,8 @@ async fn mariadb_round(rate: u32, seconds: u64, rows: u64) -> anyhow::Result<Str
 
 struct Figures {
     snapshot_secs: f64,
+    /// Rows committed after the first chunk (the clock starts at the first commit).
+    snapshot_rows: usize,
     writes: usize,
     write_secs: f64,
     p50: i64,
@@ -495,10 +498,12 @@ async fn measure(
     )
     .await?;
     let snap = queued(queue, "bench_snap.snapshot")?;
+    // From the first chunk committed to the last: the rows after the first chunk.
     let (first, last) = (
-        snap.first().copied().unwrap_or(0),
-        snap.last().copied().unwrap_or(0),
+        snap.first().map_or(0, |(at, _)| *at),
+        snap.last().map_or(0, |(at, _)| *at),
     );
+    let after_first: usize = snap.iter().skip(1).map(|(_, n)| n).sum();
     let snapshot_secs = ((last - first) as f64 / 1000.0).max(0.001);
     // Let the source switch to streaming before the clock starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -528,7 +533,10 @@ async fn measure(
         agent,
     )
     .await?;
-    let received = queued(queue, "bench_stream.insert")?;
+    let received: Vec<i64> = queued(queue, "bench_stream.insert")?
+        .into_iter()
+        .map(|(at, _)| at)
+        .collect();
     if received.len() != total {
         bail!(
             "{} stream events queued for {total} inserts",
@@ -543,6 +551,7 @@ async fn measure(
     latencies.sort_unstable();
     Ok(Figures {
         snapshot_secs,
+        snapshot_rows: after_first,
         writes: total,
         write_secs,
         p50: percentile(&latencies, 50.0),

@@ -129,7 +129,7 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
         /// Rows of the snapshot table.
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
         /// Which databases, comma-separated.
         #[arg(long, default_value = "postgres,mariadb")]

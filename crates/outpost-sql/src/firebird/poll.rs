@@ -145,7 +145,11 @@ impl ChangeSource for FbPoll {
             }
             let position = Position(pending.position.clone());
             self.pending = Some(pending);
-            return Ok(Batch { events, position });
+            return Ok(Batch {
+                encoded: None,
+                events,
+                position,
+            });
         }
     }
 

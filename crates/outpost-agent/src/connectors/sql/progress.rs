@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use outpost_sql::{ChangeEvent, Op, Progress};
+use outpost_sql::{ChangeEvent, EncodedEvents, Op, Progress};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -43,6 +43,16 @@ impl Tracker {
                 self.lag = Some(lag.try_into().unwrap_or(Duration::ZERO));
             }
             self.last_commit_time = Some(commit_time.to_owned());
+        }
+    }
+
+    /// Takes note of a queued chunk of encoded events.
+    pub(super) fn observe_encoded(&mut self, encoded: &EncodedEvents) {
+        if encoded.op == Op::Snapshot {
+            *self.snapshot_rows.entry(encoded.table.clone()).or_default() += encoded.count as u64;
+        }
+        if encoded.count > 0 {
+            self.last_queued = OffsetDateTime::now_utc().format(&Rfc3339).ok();
         }
     }
 

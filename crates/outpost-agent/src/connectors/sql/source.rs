@@ -1,10 +1,11 @@
-//! The SQL source's task: read batches, queue them, store the position, commit.
+//! The SQL source's task: read batches, queue them with the position after them (one
+//! queue transaction), then tell the source they are durable.
 
-use std::io::Write;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use outpost_core::ItemKind;
-use outpost_queue::NewItem;
+use outpost_queue::{Appending, NewItem, SourceState};
 use outpost_sql::{ChangeEvent, Position};
 
 use super::SourceConfig;
@@ -12,8 +13,8 @@ use crate::connectors::SourceContext;
 use crate::health::ConnectorState;
 use crate::ConnectorError;
 
-/// The position file's name in the source's state folder.
-const POSITION_FILE: &str = "position";
+/// Where older versions kept the position, in the source's state folder.
+const LEGACY_POSITION_FILE: &str = "position";
 
 /// Runs until shutdown; returns an error (and is restarted with backoff) when the
 /// database or the queue fails.
@@ -25,12 +26,17 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let position_path = state_dir.join(POSITION_FILE);
-    let stored = {
-        let (dir, path) = (state_dir.clone(), position_path.clone());
-        tokio::task::spawn_blocking(move || read_position(&dir, &path))
-            .await
-            .map_err(|err| ConnectorError::Unavailable(err.to_string()))??
+    let state_name = format!("sql:{}", cx.name);
+    let legacy_path = state_dir.join(LEGACY_POSITION_FILE);
+    let mut legacy_file = legacy_path.exists();
+    let stored = match cx.queue.source_state(&state_name).await? {
+        Some(text) => Some(Position(text)),
+        None => {
+            let (dir, path) = (state_dir.clone(), legacy_path.clone());
+            tokio::task::spawn_blocking(move || read_legacy_position(&dir, &path))
+                .await
+                .map_err(|err| ConnectorError::Unavailable(err.to_string()))??
+        }
     };
     cx.health.set_state(&cx.name, ConnectorState::Starting);
     let opened = tokio::select! {
@@ -44,8 +50,9 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
     // Until a batch holds nothing the queue already has, look each event up first.
     let mut checking = true;
     let mut tracker = super::progress::Tracker::default();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(IN_FLIGHT);
     loop {
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             _ = cx.shutdown.cancelled() => break,
             batch = source.next_batch() => batch.map_err(unavailable)?,
         };
@@ -64,34 +71,57 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
             }
             items.push(item(&cx, event, external_ref, &sinks)?);
         }
-        // Submitted together, so the queue's writer commits them in a few transactions
-        // (group commit) rather than one fsync each. The futures are first polled in order
-        // and the writer's channel is FIFO (also when full), so item ids keep event order.
-        let queued = items.len();
-        futures::future::try_join_all(items.into_iter().map(|item| cx.queue.append(item))).await?;
-        for _ in 0..queued {
-            cx.health.count_item(&cx.name);
+        let mut queued_events = items.len();
+        if let Some(encoded) = batch.encoded.take() {
+            queued_events += encoded.count;
+            tracker.observe_encoded(&encoded);
+            items.push(chunk_item(&cx, encoded, &sinks));
         }
+        // One transaction for the batch's items and the position after them: after a
+        // crash the source resumes exactly after what the queue holds, nothing lost and
+        // nothing queued twice.
+        let state = SourceState {
+            name: state_name.clone(),
+            value: batch.position.0.clone(),
+        };
+        let appending = cx.queue.enqueue_with_state(items, Some(state)).await?;
+        in_flight.push_back(InFlight {
+            appending,
+            position: batch.position,
+            events: batch.events,
+            queued_events,
+        });
         checking = repeats > 0;
         if repeats > 0 {
             tracing::info!(repeats, "skipped events already queued before a restart");
         }
-        if !batch.events.is_empty() {
-            tracing::debug!(events = batch.events.len(), "batch queued");
+        // A source that reads ahead (a snapshot) keeps a few batches on their way to the
+        // queue, which commits them together; any other waits for each.
+        let keep = if source.reads_ahead() {
+            IN_FLIGHT - 1
+        } else {
+            0
+        };
+        while in_flight.len() > keep {
+            let Some(done) = in_flight.pop_front() else {
+                break;
+            };
+            done.appending.committed().await?;
+            cx.health.count_items(&cx.name, done.queued_events as u64);
+            if done.queued_events > 0 {
+                tracing::debug!(events = done.queued_events, "batch queued");
+            }
+            source
+                .committed(&done.position)
+                .await
+                .map_err(unavailable)?;
+            tracker.observe(&done.events);
         }
-        let (dir, path, position) = (
-            state_dir.clone(),
-            position_path.clone(),
-            batch.position.clone(),
-        );
-        tokio::task::spawn_blocking(move || write_position(&dir, &path, &position))
-            .await
-            .map_err(|err| ConnectorError::Unavailable(err.to_string()))??;
-        source
-            .committed(&batch.position)
-            .await
-            .map_err(unavailable)?;
-        tracker.observe(&batch.events);
+        if legacy_file && in_flight.is_empty() {
+            // The queue holds the position now; an old file would only mislead.
+            let _ = std::fs::remove_file(&legacy_path);
+            legacy_file = false;
+        }
         if tracker.probe_due() {
             match source.progress().await {
                 Ok(progress) => tracker.update(progress),
@@ -109,6 +139,17 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
     }
     cx.health.set_state(&cx.name, ConnectorState::Stopped);
     Ok(())
+}
+
+/// Batches a source that reads ahead may have on their way to the queue at once.
+const IN_FLIGHT: usize = 3;
+
+/// A batch handed to the queue, not yet known to be committed.
+struct InFlight {
+    appending: Appending,
+    position: Position,
+    events: Vec<ChangeEvent>,
+    queued_events: usize,
 }
 
 fn unavailable(err: outpost_sql::SqlError) -> ConnectorError {
@@ -137,7 +178,29 @@ fn item(
     })
 }
 
-fn read_position(dir: &Path, path: &Path) -> Result<Option<Position>, ConnectorError> {
+/// One queue item for a chunk of encoded events (a snapshot chunk): the payload is their
+/// newline-delimited JSON, the type label `<table>.<op>` as for single events, and the
+/// control id says how many events it holds (`1000 events`).
+fn chunk_item(
+    cx: &SourceContext,
+    encoded: outpost_sql::EncodedEvents,
+    sinks: &[outpost_core::ConnectorName],
+) -> NewItem {
+    NewItem {
+        source: cx.name.clone(),
+        kind: ItemKind::Change,
+        msg_type: Some(format!("{}.{}", encoded.table, encoded.op.as_str())),
+        control_id: Some(format!("{} events", encoded.count)),
+        subject: None,
+        external_ref: None,
+        payload: encoded.ndjson,
+        sinks: sinks.to_vec(),
+    }
+}
+
+/// The position file of versions that kept it beside the queue: read once, when the
+/// queue holds no position yet, so an upgraded agent resumes where the old one stopped.
+fn read_legacy_position(dir: &Path, path: &Path) -> Result<Option<Position>, ConnectorError> {
     std::fs::create_dir_all(dir)
         .map_err(|err| ConnectorError::Unavailable(format!("create {}: {err}", dir.display())))?;
     match std::fs::read_to_string(path) {
@@ -149,25 +212,4 @@ fn read_position(dir: &Path, path: &Path) -> Result<Option<Position>, ConnectorE
             path.display()
         ))),
     }
-}
-
-/// Replaces the position file atomically: temporary file, fsync, rename, fsync the folder.
-fn write_position(dir: &Path, path: &Path, position: &Position) -> Result<(), ConnectorError> {
-    let fail = |what: &str, err: std::io::Error| {
-        ConnectorError::Unavailable(format!("{what} {}: {err}", path.display()))
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(|err| fail("create", err))?;
-    file.write_all(position.0.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|err| fail("write", err))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|err| fail("rename into", err))?;
-    #[cfg(unix)]
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|err| fail("sync the folder of", err))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
