@@ -44,8 +44,9 @@ pub enum SqlError {
         /// What is missing.
         message: String,
     },
-    /// The logical decoding stream had something this decoder cannot read.
-    #[error("pgoutput: {0}")]
+    /// A value or message from the database that cannot be read (the logical decoding
+    /// stream, a binary column value, a stored event).
+    #[error("decode: {0}")]
     Decode(String),
     /// The MariaDB/MySQL binlog stream had something this reader cannot use, or the server
     /// is not set up for change capture.

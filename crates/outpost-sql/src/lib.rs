@@ -89,7 +89,7 @@ impl EncodedEvents {
         let mut ndjson = Vec::with_capacity(events.len() * 256);
         for event in events {
             serde_json::to_writer(&mut ndjson, event)
-                .map_err(|err| SqlError::Decode(format!("encode a change event: {err}")))?;
+                .map_err(|err| SqlError::Decode(format!("a change event could not be written as JSON: {err}")))?;
             ndjson.push(b'\n');
         }
         Ok(EncodedEvents {

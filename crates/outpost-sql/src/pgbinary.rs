@@ -1337,15 +1337,15 @@ mod tests {
     fn malformed_values_are_errors() {
         assert_eq!(
             binary_error(BOOL, &[]),
-            "pgoutput: bool: 0 bytes, expected 1"
+            "decode: bool: 0 bytes, expected 1"
         );
         assert_eq!(
             binary_error(INT4, &[0; 3]),
-            "pgoutput: int4: 3 bytes, expected 4"
+            "decode: int4: 3 bytes, expected 4"
         );
         assert_eq!(
             binary_error(INT8, &[0; 9]),
-            "pgoutput: int8: 9 bytes, expected 8"
+            "decode: int8: 9 bytes, expected 8"
         );
         assert!(binary_error(INT2, &[0]).contains("int2: 1 bytes"));
         assert!(binary_error(OID, &[0]).contains("oid"));
@@ -1366,7 +1366,7 @@ mod tests {
         assert!(binary_error(TIMESTAMPTZ, &(i64::MIN + 1).to_be_bytes()).contains("outside"));
         assert_eq!(
             binary_error(NUMERIC, &[0; 7]),
-            "pgoutput: numeric: 7 bytes, expected at least 8"
+            "decode: numeric: 7 bytes, expected at least 8"
         );
         let mut short = numeric(0, NUMERIC_POS, 0, &[1, 2]);
         short.pop();
