@@ -895,6 +895,12 @@ impl MySqlSource {
 
 #[async_trait::async_trait]
 impl ChangeSource for MySqlSource {
+    /// `committed` does nothing here (a restart resumes from the stored position), so the
+    /// snapshot's chunks may go to the queue while the next is read.
+    fn reads_ahead(&self) -> bool {
+        matches!(self.phase, Phase::Snapshot { .. })
+    }
+
     async fn next_batch(&mut self) -> Result<Batch, SqlError> {
         match self.phase {
             Phase::Snapshot { .. } => self.snapshot_batch().await,
