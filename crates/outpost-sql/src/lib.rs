@@ -88,8 +88,11 @@ impl EncodedEvents {
     pub fn encode(table: &str, op: Op, events: &[ChangeEvent]) -> Result<Self, SqlError> {
         let mut ndjson = Vec::with_capacity(events.len() * 256);
         for event in events {
-            serde_json::to_writer(&mut ndjson, event)
-                .map_err(|err| SqlError::Decode(format!("a change event could not be written as JSON: {err}")))?;
+            serde_json::to_writer(&mut ndjson, event).map_err(|err| {
+                SqlError::Decode(format!(
+                    "a change event could not be written as JSON: {err}"
+                ))
+            })?;
             ndjson.push(b'\n');
         }
         Ok(EncodedEvents {

@@ -1335,10 +1335,7 @@ mod tests {
 
     #[test]
     fn malformed_values_are_errors() {
-        assert_eq!(
-            binary_error(BOOL, &[]),
-            "decode: bool: 0 bytes, expected 1"
-        );
+        assert_eq!(binary_error(BOOL, &[]), "decode: bool: 0 bytes, expected 1");
         assert_eq!(
             binary_error(INT4, &[0; 3]),
             "decode: int4: 3 bytes, expected 4"
