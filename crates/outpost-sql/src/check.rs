@@ -218,18 +218,28 @@ pub async fn check_postgres(
         }
         check_pg_publication(&client, source, &mut report).await?;
     }
-    for writes in &needs.writes {
+    for (index, writes) in needs.writes.iter().enumerate() {
         let (schema, name) = split_qualified(&writes.table);
-        // A table the source also reads was checked (writes included) above.
+        let schema = schema.unwrap_or("public");
+        // A table the source also reads had its ownership and excess grants checked (every
+        // write on it included) above, and a table written by several sinks on this
+        // account is checked for them once; what each write needs is checked either way.
         let read_too = needs.source.is_some_and(|s| {
             s.tables.iter().any(|t| {
                 let (ts, tn) = split_qualified(&t.name);
-                tn == name && ts.unwrap_or("public") == schema.unwrap_or("public")
+                tn == name && ts.unwrap_or("public") == schema
             })
         });
-        if !read_too {
-            check_pg_writes(&client, writes, needs, &quoted_user, &mut report).await?;
-        }
+        let first = needs
+            .writes
+            .iter()
+            .position(|w| {
+                let (ws, wn) = split_qualified(&w.table);
+                wn == name && ws.unwrap_or("public") == schema
+            })
+            .is_some_and(|first| first == index);
+        let excess = !read_too && first;
+        check_pg_writes(&client, writes, needs, &quoted_user, excess, &mut report).await?;
     }
     Ok(report)
 }
@@ -337,73 +347,138 @@ async fn check_pg_read(
             ),
         );
     }
-    let extra: Vec<String> = select
-        .iter()
-        .filter(|(c, ok)| *ok && !wanted.contains(c))
-        .map(|(c, _)| c.clone())
-        .collect();
     let writes = needs.writes_to(schema, name);
-    let extra: Vec<String> = extra
-        .into_iter()
-        .filter(|c| !writes.iter().any(|w| w.select.contains(c)))
-        .collect();
-    if !extra.is_empty() {
-        report.push(
-            Severity::Excess,
-            format!(
-                "SELECT on columns of {qualified} not captured: {}",
-                names(&extra)
-            ),
-        );
-    }
-    check_pg_write_excess(client, oid, &qualified, &writes, user, report).await
+    check_pg_write_excess(
+        client,
+        oid,
+        &qualified,
+        &writes,
+        Some(&wanted),
+        user,
+        report,
+    )
+    .await
 }
 
-/// Flags writes on a table beyond what `writes` need.
+/// How much of a table a privilege is wanted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PgWant {
+    /// These columns: column-level grants do.
+    Columns(Vec<String>),
+    /// Every column the table has now (an `INSERT` without a column list): column-level
+    /// grants on each do, as PostgreSQL checks the columns inserted.
+    EveryColumn,
+    /// The table-level privilege: `RETURNING *` reads every column, also those added
+    /// later, so `outpost sql grants` prints `GRANT SELECT ON TABLE`.
+    Table,
+}
+
+/// What one table's writes need, privilege by privilege (DELETE apart: it has no columns).
+fn pg_write_wants(writes: &TableWrites) -> Vec<(&'static str, PgWant)> {
+    let mut want = Vec::new();
+    match &writes.insert {
+        Some(Some(columns)) => {
+            want.push(("INSERT", PgWant::Columns(columns.iter().cloned().collect())))
+        }
+        Some(None) => want.push(("INSERT", PgWant::EveryColumn)),
+        None => {}
+    }
+    // The targets of an `ON CONFLICT … DO UPDATE SET` are in `update` too.
+    if !writes.update.is_empty() {
+        want.push((
+            "UPDATE",
+            PgWant::Columns(writes.update.iter().cloned().collect()),
+        ));
+    }
+    if writes.select_all {
+        want.push(("SELECT", PgWant::Table));
+    } else if !writes.select.is_empty() {
+        want.push((
+            "SELECT",
+            PgWant::Columns(writes.select.iter().cloned().collect()),
+        ));
+    }
+    want
+}
+
+/// The columns on which `writes` need `privilege` (INSERT, UPDATE or SELECT), for telling
+/// excess grants; `None`: every column (an `INSERT` without a column list, `RETURNING *`).
+fn pg_allowed(writes: &[&TableWrites], privilege: &str) -> Option<BTreeSet<String>> {
+    let mut allowed = BTreeSet::new();
+    for w in writes {
+        match privilege {
+            "INSERT" => match &w.insert {
+                Some(None) => return None,
+                Some(Some(columns)) => allowed.extend(columns.iter().cloned()),
+                None => {}
+            },
+            "UPDATE" => allowed.extend(w.update.iter().cloned()),
+            "SELECT" if w.select_all => return None,
+            "SELECT" => allowed.extend(w.select.iter().cloned()),
+            _ => {}
+        }
+    }
+    Some(allowed)
+}
+
+/// Flags privileges on a table beyond what `writes` (and, when the source reads the table,
+/// its `read` columns) need.
 async fn check_pg_write_excess(
     client: &Client,
     oid: u32,
     qualified: &str,
     writes: &[&TableWrites],
+    read: Option<&[String]>,
     user: &str,
     report: &mut CheckReport,
 ) -> Result<(), SqlError> {
-    for privilege in ["INSERT", "UPDATE"] {
-        let allowed: Option<BTreeSet<String>> = match privilege {
-            "INSERT" => {
-                let mut all = BTreeSet::new();
-                for w in writes {
-                    match &w.insert {
-                        Some(None) => return Ok(()),
-                        Some(Some(columns)) => all.extend(columns.iter().cloned()),
-                        None => {}
-                    }
-                }
-                Some(all)
-            }
-            _ => Some(
-                writes
-                    .iter()
-                    .flat_map(|w| w.update.iter().cloned())
-                    .collect(),
-            ),
+    for privilege in ["INSERT", "UPDATE", "SELECT"] {
+        let Some(mut allowed) = pg_allowed(writes, privilege) else {
+            continue;
         };
-        let allowed = allowed.unwrap_or_default();
+        let writes_need = allowed.clone();
+        if privilege == "SELECT" {
+            allowed.extend(read.unwrap_or_default().iter().cloned());
+        }
         let extra: Vec<String> = pg_column_privileges(client, oid, privilege)
             .await?
             .into_iter()
             .filter(|(c, ok)| *ok && !allowed.contains(c))
             .map(|(c, _)| c)
             .collect();
-        if !extra.is_empty() {
-            report.push(
-                Severity::Excess,
-                format!(
-                    "{privilege} ({}) on {qualified}, which nothing in the config writes (REVOKE {privilege} ON TABLE {qualified} FROM {user};)",
-                    names(&extra)
-                ),
-            );
+        if extra.is_empty() {
+            continue;
         }
+        let what = match (privilege, read) {
+            // The source's own wording: the reads are the reason for the table here.
+            ("SELECT", Some(_)) => format!(
+                "SELECT on columns of {qualified} not captured: {}",
+                names(&extra)
+            ),
+            _ => {
+                // REVOKE on the table also takes the column grants, so the needed
+                // columns are granted again.
+                let again = if writes_need.is_empty() {
+                    String::new()
+                } else {
+                    let needed: Vec<String> = writes_need.into_iter().collect();
+                    format!(
+                        " GRANT {privilege} ({}) ON TABLE {qualified} TO {user};",
+                        names(&needed)
+                    )
+                };
+                let verb = if privilege == "SELECT" {
+                    "reads"
+                } else {
+                    "writes"
+                };
+                format!(
+                    "{privilege} ({}) on {qualified}, which nothing in the config {verb} (REVOKE {privilege} ON TABLE {qualified} FROM {user};{again})",
+                    names(&extra)
+                )
+            }
+        };
+        report.push(Severity::Excess, what);
     }
     let delete_needed = writes.iter().any(|w| w.delete);
     for privilege in ["DELETE", "TRUNCATE", "TRIGGER", "REFERENCES"] {
@@ -420,47 +495,64 @@ async fn check_pg_write_excess(
     Ok(())
 }
 
+/// Checks what `writes` need on its table; `excess`: also the table's owner and
+/// privileges beyond what every write on it (`needs`) needs.
 async fn check_pg_writes(
     client: &Client,
     writes: &TableWrites,
     needs: &Needs<'_>,
     user: &str,
+    excess: bool,
     report: &mut CheckReport,
 ) -> Result<(), SqlError> {
     let (schema, name) = split_qualified(&writes.table);
     let schema = schema.unwrap_or("public");
     let qualified = format!("{}.{}", quote(schema), quote(name));
     let Some((oid, owns)) = pg_table(client, schema, name).await? else {
-        report.push(
-            Severity::Missing,
-            format!(
-                "table {qualified} (written by {}) does not exist",
-                writes.operations.join(", ")
-            ),
-        );
+        // Without `excess` the table was reported already (by the source or another sink).
+        if excess {
+            report.push(
+                Severity::Missing,
+                format!(
+                    "table {qualified} (written by {}) does not exist",
+                    writes.operations.join(", ")
+                ),
+            );
+        }
         return Ok(());
     };
-    if owns {
+    if owns && excess {
         report.push(
             Severity::Excess,
             format!("owns {qualified} (or is a member of its owner)"),
         );
     }
-    let mut want: Vec<(&str, Option<Vec<String>>)> = Vec::new();
-    match &writes.insert {
-        Some(Some(columns)) => want.push(("INSERT", Some(columns.iter().cloned().collect()))),
-        Some(None) => want.push(("INSERT", None)),
-        None => {}
-    }
-    if !writes.update.is_empty() {
-        want.push(("UPDATE", Some(writes.update.iter().cloned().collect())));
-    }
-    if !writes.select.is_empty() {
-        want.push(("SELECT", Some(writes.select.iter().cloned().collect())));
-    }
-    for (privilege, columns) in want {
+    for (privilege, want) in pg_write_wants(writes) {
+        let columns = match want {
+            PgWant::Table => {
+                if pg_table_privilege(client, oid, privilege).await? {
+                    report.push(
+                        Severity::Ok,
+                        format!("{privilege} on {qualified} (the whole table, for RETURNING *)"),
+                    );
+                } else {
+                    report.push(
+                        Severity::Missing,
+                        format!(
+                            "{privilege} on {qualified}, the whole table: RETURNING * reads every column (GRANT {privilege} ON TABLE {qualified} TO {user};)"
+                        ),
+                    );
+                }
+                continue;
+            }
+            PgWant::EveryColumn => pg_column_privileges(client, oid, privilege)
+                .await?
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect(),
+            PgWant::Columns(columns) => columns,
+        };
         let have = pg_column_privileges(client, oid, privilege).await?;
-        let columns = columns.unwrap_or_else(|| have.iter().map(|(c, _)| c.clone()).collect());
         let lacking: Vec<String> = columns
             .iter()
             .filter(|c| !have.iter().any(|(h, ok)| h == *c && *ok))
@@ -492,8 +584,11 @@ async fn check_pg_writes(
             );
         }
     }
-    let all = needs.writes_to(schema, name);
-    check_pg_write_excess(client, oid, &qualified, &all, user, report).await
+    if excess {
+        let all = needs.writes_to(schema, name);
+        check_pg_write_excess(client, oid, &qualified, &all, None, user, report).await?;
+    }
+    Ok(())
 }
 
 async fn check_pg_publication(
@@ -739,48 +834,7 @@ pub async fn check_mysql(
         .map(|(s, t, c, p, g)| (s, t, c.to_lowercase(), p, g == "YES"))
         .collect();
 
-    // What the config needs, per (database, table).
-    let mut wanted: Vec<((String, String), MyNeed)> = Vec::new();
-    let mut need_of = |name: &str| -> usize {
-        let (schema, table) = split_qualified(name);
-        let key = (schema.unwrap_or(&database).to_owned(), table.to_owned());
-        match wanted.iter().position(|(k, _)| *k == key) {
-            Some(i) => i,
-            None => {
-                wanted.push((key, MyNeed::default()));
-                wanted.len() - 1
-            }
-        }
-    };
-    let mut indexes = Vec::new();
-    if let Some(source) = needs.source {
-        for table in &source.tables {
-            let i = need_of(&table.name);
-            indexes.push((i, Some(table.columns.clone().map(lower)), None));
-        }
-    }
-    for writes in &needs.writes {
-        let i = need_of(&writes.table);
-        indexes.push((i, None, Some(*writes)));
-    }
-    for (i, select, writes) in indexes {
-        let need = &mut wanted[i].1;
-        if let Some(select) = select {
-            want_more(&mut need.select, select);
-        }
-        if let Some(w) = writes {
-            if !w.select.is_empty() {
-                want_more(&mut need.select, Some(lower(&w.select)));
-            }
-            if let Some(insert) = &w.insert {
-                want_more(&mut need.insert, insert.as_ref().map(lower));
-            }
-            if !w.update.is_empty() {
-                want_more(&mut need.update, Some(lower(&w.update)));
-            }
-            need.delete |= w.delete;
-        }
-    }
+    let wanted = my_wanted(needs, &database);
 
     // Server-wide.
     let global: BTreeSet<&str> = have.global.iter().map(|(p, _)| p.as_str()).collect();
@@ -886,134 +940,15 @@ pub async fn check_mysql(
 
     // Configured tables: what is missing, and table or column grants beyond the need.
     for ((db, table), need) in &wanted {
-        let on = format!("{}.{}", quote_mysql(db), quote_mysql(table));
         let table_columns = my_table_columns(&mut conn, db, table).await?;
-        for (privilege, want) in [
-            ("SELECT", &need.select),
-            ("INSERT", &need.insert),
-            ("UPDATE", &need.update),
-        ] {
-            let whole = have.whole(privilege, db, table);
-            let columns = have.columns(privilege, db, table);
-            match want {
-                Some(None) if whole => report.push(Severity::Ok, format!("{privilege} ON {on}")),
-                Some(None) => report.push(
-                    Severity::Missing,
-                    format!("{privilege} ON {on} (or the table does not exist) (GRANT {privilege} ON {on} TO {account};)"),
-                ),
-                Some(Some(wanted)) => {
-                    let lacking: Vec<String> = if whole {
-                        Vec::new()
-                    } else {
-                        wanted.difference(&columns).cloned().collect()
-                    };
-                    let list = my_names(wanted.iter());
-                    if lacking.is_empty() {
-                        report.push(Severity::Ok, format!("{privilege} ({list}) ON {on}"));
-                    } else {
-                        let lacking = my_names(lacking.iter());
-                        report.push(
-                            Severity::Missing,
-                            format!("{privilege} ({lacking}) ON {on} (GRANT {privilege} ({lacking}) ON {on} TO {account};)"),
-                        );
-                    }
-                }
-                None => {}
-            }
-            // Table-level and column-level grants beyond the need (server- and
-            // database-wide ones are reported above).
-            let table_level = have
-                .table
-                .iter()
-                .any(|(s, t, p, _)| p == privilege && s == db && t == table);
-            let allowed: Option<&BTreeSet<String>> = match want {
-                Some(None) => continue,
-                Some(Some(wanted)) => Some(wanted),
-                None => None,
-            };
-            if table_level {
-                let extra: Vec<&String> = table_columns
-                    .iter()
-                    .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
-                    .collect();
-                if allowed.is_none() {
-                    report.push(
-                        Severity::Excess,
-                        format!("{privilege} ON {on}, which nothing in the config needs (REVOKE {privilege} ON {on} FROM {account};)"),
-                    );
-                } else if !extra.is_empty() || table_columns.is_empty() {
-                    let wanted = my_names(allowed.into_iter().flatten());
-                    report.push(
-                        Severity::Excess,
-                        format!(
-                            "{privilege} on the whole of {on}, also on {} (REVOKE {privilege} ON {on} FROM {account}; GRANT {privilege} ({wanted}) ON {on} TO {account};)",
-                            if extra.is_empty() { "columns the config does not name".to_owned() } else { my_names(extra.into_iter()) }
-                        ),
-                    );
-                }
-            }
-            let extra: Vec<String> = columns
-                .iter()
-                .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
-                .cloned()
-                .collect();
-            if !extra.is_empty() {
-                let extra = my_names(extra.iter());
-                report.push(
-                    Severity::Excess,
-                    format!("{privilege} ({extra}) ON {on}, which nothing in the config needs (REVOKE {privilege} ({extra}) ON {on} FROM {account};)"),
-                );
-            }
-        }
-        if need.delete {
-            if have.whole("DELETE", db, table) {
-                report.push(Severity::Ok, format!("DELETE ON {on}"));
-            } else {
-                report.push(
-                    Severity::Missing,
-                    format!("DELETE ON {on} (GRANT DELETE ON {on} TO {account};)"),
-                );
-            }
-        }
-        let mut extra: Vec<&str> = have
-            .table
-            .iter()
-            .filter(|(s, t, p, _)| {
-                s == db
-                    && t == table
-                    && !matches!(p.as_str(), "SELECT" | "INSERT" | "UPDATE")
-                    && !(p == "DELETE" && need.delete)
-            })
-            .map(|(_, _, p, _)| p.as_str())
-            .collect();
-        extra.extend(
-            have.column
-                .iter()
-                .filter(|(s, t, _, p, _)| s == db && t == table && p == "REFERENCES")
-                .map(|_| "REFERENCES"),
+        my_table_report(
+            &mut report,
+            &have,
+            (db.as_str(), table.as_str()),
+            need,
+            &table_columns,
+            &account,
         );
-        extra.dedup();
-        if !extra.is_empty() {
-            let list = extra.join(", ");
-            report.push(
-                Severity::Excess,
-                format!("{list} ON {on}, which nothing in the config needs (REVOKE {list} ON {on} FROM {account};)"),
-            );
-        }
-        let grantable = have
-            .table
-            .iter()
-            .any(|(s, t, _, g)| *g && s == db && t == table)
-            || have
-                .column
-                .iter()
-                .any(|(s, t, _, _, g)| *g && s == db && t == table);
-        if grantable {
-            report.push(
-                Severity::Excess,
-                format!("GRANT OPTION ON {on} (REVOKE GRANT OPTION ON {on} FROM {account};)"),
-            );
-        }
     }
 
     // Tables the config does not name.
@@ -1073,6 +1008,201 @@ pub async fn check_mysql(
         tracing::debug!(error = %err, "check connection ended");
     }
     Ok(report)
+}
+
+/// What the config needs of a MariaDB account, per (database, table), merged over the
+/// source and the sinks on the account; `database`: the URL's, for unqualified names.
+fn my_wanted(needs: &Needs<'_>, database: &str) -> Vec<((String, String), MyNeed)> {
+    let mut wanted: Vec<((String, String), MyNeed)> = Vec::new();
+    let mut need_of = |name: &str| -> usize {
+        let (schema, table) = split_qualified(name);
+        let key = (schema.unwrap_or(database).to_owned(), table.to_owned());
+        match wanted.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                wanted.push((key, MyNeed::default()));
+                wanted.len() - 1
+            }
+        }
+    };
+    let mut indexes = Vec::new();
+    if let Some(source) = needs.source {
+        for table in &source.tables {
+            indexes.push((
+                need_of(&table.name),
+                Some(table.columns.clone().map(lower)),
+                None,
+            ));
+        }
+    }
+    for writes in &needs.writes {
+        indexes.push((need_of(&writes.table), None, Some(*writes)));
+    }
+    for (i, select, writes) in indexes {
+        let need = &mut wanted[i].1;
+        if let Some(select) = select {
+            want_more(&mut need.select, select);
+        }
+        if let Some(w) = writes {
+            // `RETURNING *` wants SELECT on the whole table (what `outpost sql grants`
+            // prints); the columns named elsewhere are then covered.
+            if w.select_all {
+                want_more(&mut need.select, None);
+            } else if !w.select.is_empty() {
+                want_more(&mut need.select, Some(lower(&w.select)));
+            }
+            if let Some(insert) = &w.insert {
+                want_more(&mut need.insert, insert.as_ref().map(lower));
+            }
+            // With `ON DUPLICATE KEY UPDATE`, `update` and `select` hold what MariaDB
+            // checks for it (see `grants::mariadb_insert_needs`).
+            if !w.update.is_empty() {
+                want_more(&mut need.update, Some(lower(&w.update)));
+            }
+            need.delete |= w.delete;
+        }
+    }
+    wanted
+}
+
+/// Compares what the account holds on one configured table (`table_columns`: the table's
+/// columns, lower case) with what it needs: missing grants, and table- or column-level ones
+/// beyond the need (server- and database-wide ones are reported apart).
+fn my_table_report(
+    report: &mut CheckReport,
+    have: &MyGrants,
+    (db, table): (&str, &str),
+    need: &MyNeed,
+    table_columns: &[String],
+    account: &str,
+) {
+    let on = format!("{}.{}", quote_mysql(db), quote_mysql(table));
+    for (privilege, want) in [
+        ("SELECT", &need.select),
+        ("INSERT", &need.insert),
+        ("UPDATE", &need.update),
+    ] {
+        let whole = have.whole(privilege, db, table);
+        let columns = have.columns(privilege, db, table);
+        match want {
+            Some(None) if whole => report.push(Severity::Ok, format!("{privilege} ON {on}")),
+            Some(None) => report.push(
+                Severity::Missing,
+                format!("{privilege} ON {on} (or the table does not exist) (GRANT {privilege} ON {on} TO {account};)"),
+            ),
+            Some(Some(wanted)) => {
+                let lacking: Vec<String> = if whole {
+                    Vec::new()
+                } else {
+                    wanted.difference(&columns).cloned().collect()
+                };
+                let list = my_names(wanted.iter());
+                if lacking.is_empty() {
+                    report.push(Severity::Ok, format!("{privilege} ({list}) ON {on}"));
+                } else {
+                    let lacking = my_names(lacking.iter());
+                    report.push(
+                        Severity::Missing,
+                        format!("{privilege} ({lacking}) ON {on} (GRANT {privilege} ({lacking}) ON {on} TO {account};)"),
+                    );
+                }
+            }
+            None => {}
+        }
+        // Table-level and column-level grants beyond the need (server- and
+        // database-wide ones are reported above).
+        let table_level = have
+            .table
+            .iter()
+            .any(|(s, t, p, _)| p == privilege && s == db && t == table);
+        let allowed: Option<&BTreeSet<String>> = match want {
+            Some(None) => continue,
+            Some(Some(wanted)) => Some(wanted),
+            None => None,
+        };
+        if table_level {
+            let extra: Vec<&String> = table_columns
+                .iter()
+                .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
+                .collect();
+            if allowed.is_none() {
+                report.push(
+                    Severity::Excess,
+                    format!("{privilege} ON {on}, which nothing in the config needs (REVOKE {privilege} ON {on} FROM {account};)"),
+                );
+            } else if !extra.is_empty() || table_columns.is_empty() {
+                let wanted = my_names(allowed.into_iter().flatten());
+                report.push(
+                    Severity::Excess,
+                    format!(
+                        "{privilege} on the whole of {on}, also on {} (REVOKE {privilege} ON {on} FROM {account}; GRANT {privilege} ({wanted}) ON {on} TO {account};)",
+                        if extra.is_empty() { "columns the config does not name".to_owned() } else { my_names(extra.into_iter()) }
+                    ),
+                );
+            }
+        }
+        let extra: Vec<String> = columns
+            .iter()
+            .filter(|c| !allowed.is_some_and(|a| a.contains(*c)))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            let extra = my_names(extra.iter());
+            report.push(
+                Severity::Excess,
+                format!("{privilege} ({extra}) ON {on}, which nothing in the config needs (REVOKE {privilege} ({extra}) ON {on} FROM {account};)"),
+            );
+        }
+    }
+    if need.delete {
+        if have.whole("DELETE", db, table) {
+            report.push(Severity::Ok, format!("DELETE ON {on}"));
+        } else {
+            report.push(
+                Severity::Missing,
+                format!("DELETE ON {on} (GRANT DELETE ON {on} TO {account};)"),
+            );
+        }
+    }
+    let mut extra: Vec<&str> = have
+        .table
+        .iter()
+        .filter(|(s, t, p, _)| {
+            s == db
+                && t == table
+                && !matches!(p.as_str(), "SELECT" | "INSERT" | "UPDATE")
+                && !(p == "DELETE" && need.delete)
+        })
+        .map(|(_, _, p, _)| p.as_str())
+        .collect();
+    extra.extend(
+        have.column
+            .iter()
+            .filter(|(s, t, _, p, _)| s == db && t == table && p == "REFERENCES")
+            .map(|_| "REFERENCES"),
+    );
+    extra.dedup();
+    if !extra.is_empty() {
+        let list = extra.join(", ");
+        report.push(
+            Severity::Excess,
+            format!("{list} ON {on}, which nothing in the config needs (REVOKE {list} ON {on} FROM {account};)"),
+        );
+    }
+    let grantable = have
+        .table
+        .iter()
+        .any(|(s, t, _, g)| *g && s == db && t == table)
+        || have
+            .column
+            .iter()
+            .any(|(s, t, _, _, g)| *g && s == db && t == table);
+    if grantable {
+        report.push(
+            Severity::Excess,
+            format!("GRANT OPTION ON {on} (REVOKE GRANT OPTION ON {on} FROM {account};)"),
+        );
+    }
 }
 
 fn my_names<'a>(columns: impl Iterator<Item = &'a String>) -> String {
@@ -1158,14 +1288,9 @@ fn fb_name(stored: &str) -> String {
     }
 }
 
-/// Checks a Firebird account: `url` (its password, if any, or `password`) against `needs`;
-/// `triggers`: the source captures with the trigger change tables (`mode = "cdc"`).
-pub async fn check_firebird(
-    url: &str,
-    password: Option<String>,
-    needs: &Needs<'_>,
-    triggers: bool,
-) -> Result<CheckReport, SqlError> {
+/// The relations a Firebird account needs and the privileges on each; `triggers`: the
+/// source captures with the trigger change tables.
+fn fb_wants(needs: &Needs<'_>, triggers: bool) -> Vec<FbWant> {
     let mut wants: Vec<FbWant> = Vec::new();
     let mut want = |name: &str, letters: &[char]| {
         let (_, name) = split_qualified(name);
@@ -1202,11 +1327,24 @@ pub async fn check_firebird(
         if writes.delete {
             letters.push('D');
         }
-        if !writes.select.is_empty() {
+        // Firebird grants SELECT on whole tables only: `RETURNING *` wants nothing more.
+        if !writes.select.is_empty() || writes.select_all {
             letters.push('S');
         }
         want(&writes.table, &letters);
     }
+    wants
+}
+
+/// Checks a Firebird account: `url` (its password, if any, or `password`) against `needs`;
+/// `triggers`: the source captures with the trigger change tables (`mode = "cdc"`).
+pub async fn check_firebird(
+    url: &str,
+    password: Option<String>,
+    needs: &Needs<'_>,
+    triggers: bool,
+) -> Result<CheckReport, SqlError> {
+    let wants = fb_wants(needs, triggers);
     let parsed = crate::firebird::FbUrl::parse(url)?;
     let shown = redact_url(url);
     tokio::task::spawn_blocking(move || check_firebird_blocking(&parsed, password, &shown, &wants))
@@ -1455,5 +1593,296 @@ mod tests {
             sqlite_path("sqlite:pms.db", Path::new("/etc/outpost")),
             Some(PathBuf::from("/etc/outpost/pms.db"))
         );
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn sink(url: &str, operations: &[(&str, &str)]) -> SinkNeeds {
+        SinkNeeds::of_operations("w", url, operations.iter().copied()).unwrap()
+    }
+
+    /// The `GRANT` lines of a printed script: privilege, its column list (`None`: the
+    /// whole table) and the target between `ON` and `TO`, quotes dropped.
+    fn printed_grants(script: &str) -> Vec<(String, Option<BTreeSet<String>>, String)> {
+        let unquote = |s: &str| s.trim().trim_matches(|c| c == '`' || c == '"').to_owned();
+        script
+            .lines()
+            .filter_map(|line| line.strip_prefix("GRANT "))
+            .filter_map(|rest| {
+                let (what, rest) = rest.split_once(" ON ")?;
+                let (on, _) = rest.split_once(" TO ")?;
+                let (privilege, columns) = match what.split_once(" (") {
+                    Some((p, list)) => (
+                        p,
+                        Some(list.trim_end_matches(')').split(',').map(unquote).collect()),
+                    ),
+                    None => (what, None),
+                };
+                let on = on.trim_start_matches("TABLE ");
+                let table = on.rsplit('.').next().map(unquote)?;
+                Some((privilege.to_owned(), columns, table))
+            })
+            .collect()
+    }
+
+    /// A MariaDB account holding exactly what `outpost sql grants` prints for `needs`.
+    fn mariadb_as_printed(needs: &SinkNeeds) -> MyGrants {
+        let mut have = MyGrants::default();
+        for (privilege, columns, table) in printed_grants(&crate::grants::sink_script(needs)) {
+            match columns {
+                None => have.table.push(("od".into(), table, privilege, false)),
+                Some(columns) => have.column.extend(columns.into_iter().map(|c| {
+                    (
+                        "od".into(),
+                        table.clone(),
+                        c.to_lowercase(),
+                        privilege.clone(),
+                        false,
+                    )
+                })),
+            }
+        }
+        have
+    }
+
+    fn mariadb_report(needs: &SinkNeeds, have: &MyGrants, columns: &[&str]) -> CheckReport {
+        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let mut report = CheckReport::default();
+        for ((db, table), need) in my_wanted(&Needs::sink(needs), "od") {
+            my_table_report(&mut report, have, (&db, &table), &need, &columns, "'w'@'%'");
+        }
+        report
+    }
+
+    #[test]
+    fn mariadb_printed_grants_are_exactly_what_check_wants() {
+        let columns = ["id", "a", "b", "n"];
+        for operations in [
+            // `RETURNING *`: SELECT on the whole table.
+            &[("add", "INSERT INTO t (a) VALUES (:a) RETURNING *")][..],
+            &[("drop", "DELETE FROM t WHERE id = :id RETURNING *")][..],
+            // Upserts: UPDATE on the inserted and the set columns, SELECT on the set ones.
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON DUPLICATE KEY UPDATE a = VALUES(a), n = n + 1",
+            )][..],
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON DUPLICATE KEY UPDATE b = :b RETURNING id",
+            )][..],
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON DUPLICATE KEY UPDATE b = :b RETURNING *",
+            )][..],
+            &[
+                ("add", "INSERT INTO t VALUES (:id, :a, :b, :n) RETURNING id"),
+                ("set", "UPDATE t SET b = :b WHERE id = :id"),
+            ][..],
+        ] {
+            let needs = sink("mysql://w@h/od", operations);
+            let have = mariadb_as_printed(&needs);
+            let report = mariadb_report(&needs, &have, &columns);
+            assert!(report.is_clean(), "{operations:?}: {:#?}", report.findings);
+            assert!(!report.findings.is_empty(), "{operations:?}");
+        }
+        // The upsert's UPDATE and SELECT are needed, not excess.
+        let needs = sink(
+            "mysql://w@h/od",
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON DUPLICATE KEY UPDATE b = :b",
+            )],
+        );
+        let report = mariadb_report(&needs, &mariadb_as_printed(&needs), &columns);
+        for line in [
+            "UPDATE (`a`, `b`, `id`) ON `od`.`t`",
+            "SELECT (`b`) ON `od`.`t`",
+        ] {
+            assert!(
+                report
+                    .findings
+                    .iter()
+                    .any(|f| f.severity == Severity::Ok && f.what.starts_with(line)),
+                "{line}: {:#?}",
+                report.findings
+            );
+        }
+    }
+
+    #[test]
+    fn mariadb_returning_star_needs_the_table_level_select() {
+        let star = sink(
+            "mysql://w@h/od",
+            &[("add", "INSERT INTO t (a) VALUES (:a) RETURNING *")],
+        );
+        let wanted = my_wanted(&Needs::sink(&star), "od");
+        assert_eq!(wanted.len(), 1);
+        assert_eq!(wanted[0].0, ("od".to_owned(), "t".to_owned()));
+        assert_eq!(wanted[0].1.select, Some(None));
+        let mut have = MyGrants::default();
+        have.column
+            .push(("od".into(), "t".into(), "a".into(), "INSERT".into(), false));
+        have.column
+            .push(("od".into(), "t".into(), "a".into(), "SELECT".into(), false));
+        // Column-level SELECT is not enough.
+        let report = mariadb_report(&star, &have, &["id", "a"]);
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.severity == Severity::Missing
+                    && f.what.contains("GRANT SELECT ON `od`.`t` TO 'w'@'%';")),
+            "{:#?}",
+            report.findings
+        );
+        // The table-level one is needed, not excess.
+        have.table
+            .push(("od".into(), "t".into(), "SELECT".into(), false));
+        let report = mariadb_report(&star, &have, &["id", "a"]);
+        assert!(report.is_clean(), "{:#?}", report.findings);
+        assert!(report.findings.contains(&Finding {
+            severity: Severity::Ok,
+            what: "SELECT ON `od`.`t`".into()
+        }));
+        // Without `RETURNING *` the same table-level SELECT is excess.
+        let named = sink(
+            "mysql://w@h/od",
+            &[("add", "INSERT INTO t (a) VALUES (:a) RETURNING a")],
+        );
+        let report = mariadb_report(&named, &have, &["id", "a"]);
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.severity == Severity::Excess
+                    && f.what
+                        .starts_with("SELECT on the whole of `od`.`t`, also on `id`")),
+            "{:#?}",
+            report.findings
+        );
+        // A source reading some columns and a sink on the same account with `RETURNING *`.
+        let source = SourceNeeds {
+            name: "pms".into(),
+            dialect: Dialect::MariaDb,
+            account: crate::grants::Account::of_url("mysql://w@h/od"),
+            tables: vec![ReadTable {
+                name: "t".into(),
+                columns: Some(vec!["id".into()]),
+            }],
+            publication: String::new(),
+            slot: String::new(),
+        };
+        let needs = Needs {
+            source: Some(&source),
+            writes: star.tables.iter().collect(),
+        };
+        let wanted = my_wanted(&needs, "od");
+        assert_eq!(wanted.len(), 1);
+        assert_eq!(wanted[0].1.select, Some(None));
+    }
+
+    #[test]
+    fn postgres_returning_star_needs_the_table_level_select() {
+        let needs = sink(
+            "postgres://w@h/od",
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON CONFLICT (id) DO UPDATE SET b = EXCLUDED.b RETURNING *",
+            )],
+        );
+        let t = &needs.tables[0];
+        assert_eq!(
+            pg_write_wants(t),
+            [
+                ("INSERT", PgWant::Columns(vec!["a".into(), "id".into()])),
+                // The upsert's target: needed, not excess.
+                ("UPDATE", PgWant::Columns(vec!["b".into()])),
+                ("SELECT", PgWant::Table),
+            ]
+        );
+        assert_eq!(pg_allowed(&[t], "SELECT"), None);
+        assert_eq!(pg_allowed(&[t], "UPDATE"), Some(set(&["b"])));
+        assert_eq!(pg_allowed(&[t], "INSERT"), Some(set(&["a", "id"])));
+        // Without `RETURNING *`: the columns read, no table-level SELECT.
+        let needs = sink(
+            "postgres://w@h/od",
+            &[(
+                "put",
+                "INSERT INTO t (id, a) VALUES (:id, :a) ON CONFLICT (id) DO UPDATE SET b = EXCLUDED.b RETURNING n",
+            )],
+        );
+        let t = &needs.tables[0];
+        assert!(matches!(
+            pg_write_wants(t).last(),
+            Some(("SELECT", PgWant::Columns(columns))) if columns.contains(&"n".to_owned())
+        ));
+        assert!(pg_allowed(&[t], "SELECT").is_some_and(|s| s.contains("n") && !s.contains("a")));
+        // One operation's `RETURNING *` allows SELECT on every column for all of them;
+        // an INSERT without a column list allows INSERT everywhere, and UPDATE is still
+        // checked.
+        let needs = sink(
+            "postgres://w@h/od",
+            &[
+                ("add", "INSERT INTO t VALUES (:id, :a)"),
+                ("set", "UPDATE t SET a = :a WHERE id = :id RETURNING *"),
+            ],
+        );
+        let t = &needs.tables[0];
+        assert_eq!(pg_write_wants(t)[0], ("INSERT", PgWant::EveryColumn));
+        assert_eq!(pg_allowed(&[t], "INSERT"), None);
+        assert_eq!(pg_allowed(&[t], "SELECT"), None);
+        assert_eq!(pg_allowed(&[t], "UPDATE"), Some(set(&["a"])));
+    }
+
+    #[test]
+    fn firebird_returning_star_needs_select() {
+        let writes = TableWrites {
+            table: "APPOINTMENT".into(),
+            insert: Some(Some(set(&["APTNUM"]))),
+            select_all: true,
+            ..TableWrites::default()
+        };
+        let needs = Needs {
+            source: None,
+            writes: vec![&writes],
+        };
+        let wants = fb_wants(&needs, false);
+        assert_eq!(wants.len(), 1);
+        assert_eq!(wants[0].privileges, ['I', 'S'].into_iter().collect());
+        let grant = |privilege| FbGrant {
+            role: None,
+            privilege,
+            relation: "APPOINTMENT".into(),
+            grant_option: false,
+        };
+        let relations = [("APPOINTMENT".to_owned(), "SYSDBA".to_owned())];
+        let report = firebird_report("WRITER", &[grant('I'), grant('S')], &relations, &wants);
+        assert!(report.is_clean(), "{:#?}", report.findings);
+        let report = firebird_report("WRITER", &[grant('I')], &relations, &wants);
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.severity == Severity::Missing
+                    && f.what.starts_with("SELECT ON APPOINTMENT")),
+            "{:#?}",
+            report.findings
+        );
+    }
+
+    #[test]
+    fn sqlite_writes_with_returning_star_want_a_writable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pms.db");
+        std::fs::write(&path, b"").unwrap();
+        let needs = sink(
+            "sqlite:pms.db",
+            &[("add", "INSERT INTO t (a) VALUES (:a) RETURNING *")],
+        );
+        assert!(needs.tables[0].select_all);
+        let report = check_sqlite(&path, &Needs::sink(&needs));
+        assert!(report.is_clean(), "{:#?}", report.findings);
     }
 }

@@ -38,14 +38,16 @@
 //!
 //! # Placeholders
 //!
-//! MariaDB's lexer differs from the shared placeholder scan (`placeholders.rs`): `#` starts
-//! a comment, `--` does only when followed by a space or control character, `"…"` is a
-//! string with backslash escapes, `/* */` does not nest and `$` never quotes. [`scan`] reads
-//! a statement as MariaDB does, and a statement on which the two disagree about any
-//! placeholder is refused when the config is loaded, so a `:name` inside a string or comment
-//! is never bound. Executable comments (`/*! */`, `/*M! */`) and optimizer hints (`/*+ */`)
-//! are refused: they are code to the server but comments to a scanner. `::` is refused (it is
-//! a PostgreSQL cast, and `mysql_async` would take `::x` for its own named parameter).
+//! The shared placeholder scan (`placeholders.rs`) reads a statement with MariaDB's rules
+//! ([`Lexing::mysql`]): `#` starts a comment, `--` does only when followed by a space or
+//! control character, `"…"` is a string with backslash escapes, `/* */` does not nest and
+//! `$` never quotes. So a `:name` inside a string or comment (a `# note: it's :b` too) is
+//! text, never bound. [`scan`] reads the statement again, written apart from the shared
+//! scan as MariaDB's lexer works, and a statement on which the two disagree about any
+//! placeholder is refused when the config is loaded (a safety net, in case either is wrong).
+//! Executable comments (`/*! */`, `/*M! */`) and optimizer hints (`/*+ */`) are refused:
+//! they are code to the server but comments to a scanner. `::` is refused (it is a
+//! PostgreSQL cast, and `mysql_async` would take `::x` for its own named parameter).
 //!
 //! # Errors
 //!
@@ -151,9 +153,7 @@ impl Dialect for MySql {
     }
 
     fn lexing(&self) -> Lexing {
-        Lexing {
-            backslash_escapes: true,
-        }
+        Lexing::mysql()
     }
 
     fn has_markers(&self) -> bool {
@@ -447,9 +447,8 @@ fn agree(sql: &str, parsed: &Parsed) -> Result<(), String> {
     }
     Err(
         "MariaDB reads this statement's quotes or comments differently from the placeholder \
-         scan (a `#` comment, `--` not followed by a space, `\\\"` inside a \"…\" string, `$…$`, \
-         or nested /* */), so where its values go is not certain; write comments as /* … */ \
-         and keep quotes and colons out of them"
+         scan, so where its values go is not certain; write comments as /* … */ and keep \
+         quotes and colons out of them"
             .into(),
     )
 }
@@ -478,10 +477,12 @@ fn scan(sql: &str) -> Result<(String, Vec<String>), String> {
                 i = end;
             }
             '#' => i = line_end(&chars, i, &mut out),
+            // MariaDB looks at the next byte (`my_isspace`, `my_iscntrl`): ASCII only, and the
+            // end of the statement counts as a control character.
             '-' if next == Some('-')
                 && chars
                     .get(i + 2)
-                    .is_none_or(|c| c.is_whitespace() || c.is_control()) =>
+                    .is_none_or(|&c| c == ' ' || c.is_ascii_control()) =>
             {
                 i = line_end(&chars, i, &mut out);
             }
@@ -571,13 +572,7 @@ mod tests {
     use serde_json::json;
 
     fn check(sql: &str) -> Result<(String, Vec<String>), String> {
-        let parsed = Parsed::parse(
-            sql,
-            Lexing {
-                backslash_escapes: true,
-            },
-        )
-        .map_err(|err| err.to_string())?;
+        let parsed = Parsed::parse(sql, Lexing::mysql()).map_err(|err| err.to_string())?;
         parsed
             .check_positional(BindStyle::Question)
             .map_err(|err| err.to_string())?;
@@ -621,37 +616,68 @@ mod tests {
     }
 
     #[test]
-    fn statements_mariadb_reads_differently_are_refused() {
-        // `#` starts a comment in MariaDB, not in the shared scan.
-        let err = check("UPDATE t SET a = 1 # set :b\nWHERE id = :id").unwrap_err();
-        assert!(err.contains("`#` comment"), "{err}");
-        // A plain `#` comment both read alike.
+    fn mariadb_comments_and_strings_are_read_as_mariadb_reads_them() {
+        // `#` starts a comment: quotes and colons in it are text, not placeholders.
+        let (sql, names) = check("UPDATE t SET a = 1 # set :b\nWHERE id = :id").unwrap();
+        assert_eq!(names, ["id"]);
+        assert_eq!(sql, "UPDATE t SET a = 1 # set :b\nWHERE id = ?");
+        let (_, names) =
+            check("UPDATE t SET a = :a # it's \"the\" note: :b\nWHERE id = :id").unwrap();
+        assert_eq!(names, ["a", "id"]);
         let (_, names) = check("UPDATE t SET a = :a # plain note\nWHERE id = :id").unwrap();
         assert_eq!(names, ["a", "id"]);
-        // `--` without a space is minus minus in MariaDB.
-        assert!(check("SELECT 1--:x").is_err());
+        // `--` without a space is minus minus: `:x` is code.
+        assert_eq!(
+            check("SELECT 1--:x").unwrap(),
+            ("SELECT 1--?".into(), vec!["x".into()])
+        );
+        assert_eq!(check("SELECT 1 -- :x\n, :y").unwrap().1, ["y"]);
         // A backslash-escaped double quote keeps MariaDB inside the string.
-        assert!(check("SELECT \"a\\\" :x\"").is_err());
-        // MariaDB's comments do not nest.
-        assert!(scan("SELECT /* a /* b */ :x").unwrap().1 == ["x"]);
-        assert!(check("SELECT /* a /* b */ :x */").is_err());
+        assert!(check("SELECT \"a\\\" :x\"").unwrap().1.is_empty());
+        // MariaDB's comments do not nest: the first `*/` ends one.
+        assert_eq!(scan("SELECT /* a /* b */ :x").unwrap().1, ["x"]);
+        assert_eq!(check("SELECT /* a /* b */ :x */").unwrap().1, ["x"]);
+        // `$` never quotes.
+        assert_eq!(check("SELECT $$ :x $$").unwrap().1, ["x"]);
+    }
+
+    #[test]
+    fn statements_mariadb_reads_differently_are_refused() {
+        // The disagreement check stays as a safety net: a scan with other rules (here the
+        // standard ones, where `#` is code) is refused.
+        for sql in [
+            "UPDATE t SET a = 1 # set :b\nWHERE id = :id",
+            "SELECT 1--:x",
+            "SELECT \"a\\\" :x\\\" b\"",
+            "SELECT /* a /* b */ :x */",
+            "SELECT $$ :x $$",
+        ] {
+            let standard = Parsed::parse(sql, Lexing::default()).unwrap();
+            let err = agree(sql, &standard).unwrap_err();
+            assert!(err.contains("differently"), "{sql}: {err}");
+        }
         for refused in [
             "SELECT /*! :x */ 1",
             "SELECT /*M!100500 1 */",
             "SELECT /*+ hint */ :x",
             "SELECT :a::int",
             "SELECT 'open",
+            "SELECT \"open",
             "SELECT `open",
             "SELECT /* open",
             "SELECT ? FROM t",
+            "SELECT 1 --? ",
         ] {
             assert!(check(refused).is_err(), "{refused}");
         }
-        // `?` in a string is text; outside it is refused by the scan even if the shared scan
-        // missed it.
+        // `?` in a string or comment is text; outside it is refused by the scan even if
+        // the shared scan missed it.
         assert!(check("SELECT '?', :a").is_ok());
+        assert!(check("SELECT 1 # ?\n, :a").is_ok());
         assert!(scan("SELECT 1 -- ?\n").is_ok());
         assert!(scan("SELECT 1 --? ").is_err());
+        // MariaDB reads `--` before a non-ASCII space as minus minus, like the shared scan.
+        assert_eq!(check("SELECT 1 --\u{a0}:x").unwrap().1, ["x"]);
     }
 
     #[test]

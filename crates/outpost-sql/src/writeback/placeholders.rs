@@ -1,13 +1,15 @@
 //! `:name` placeholders in a configured statement, turned into the dialect's bind syntax.
 //!
-//! The statement is scanned once, as the database's lexer would: text inside `'…'`
-//! strings (with `''`, and backslash escapes in PostgreSQL `E'…'` strings or where the
-//! dialect treats backslashes as escapes), `"…"` and `` `…` `` quoted identifiers,
-//! PostgreSQL `$tag$…$tag$` dollar quoting, `-- …` line comments and `/* … */` block
-//! comments (nested, as PostgreSQL allows) is copied unchanged. Outside them, `::` (a
-//! PostgreSQL cast) is copied unchanged, and `:name` (a letter or `_`, then letters,
-//! digits or `_`) is a placeholder. A `:` followed by anything else is copied unchanged,
-//! so `a[1:2]` and `x := 1` are left alone; `arr[lo:hi]` must be written `arr[lo : hi]`.
+//! The statement is scanned once, as the database's lexer would ([`Lexing`] says how):
+//! text inside `'…'` strings (with `''`, and backslash escapes in PostgreSQL `E'…'`
+//! strings or where the dialect treats backslashes as escapes), `"…"` and `` `…` ``
+//! quoted identifiers (MySQL: `"…"` strings), PostgreSQL `$tag$…$tag$` dollar quoting,
+//! `-- …` line comments (MySQL: only before a space or control character, and `# …` too)
+//! and `/* … */` block comments (nested, as PostgreSQL allows; MySQL's end at the first
+//! `*/`) is copied unchanged. Outside them, `::` (a PostgreSQL cast) is copied unchanged,
+//! and `:name` (a letter or `_`, then letters, digits or `_`) is a placeholder. A `:`
+//! followed by anything else is copied unchanged, so `a[1:2]` and `x := 1` are left
+//! alone; `arr[lo:hi]` must be written `arr[lo : hi]`.
 //!
 //! Raw positional markers (`$1`, and `?` where the dialect binds with `?`) are refused:
 //! values reach a statement only through named placeholders.
@@ -25,12 +27,62 @@ pub enum BindStyle {
     Question,
 }
 
-/// How the statement's strings are read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How the statement's strings and comments are read: a placeholder is found only where
+/// the database would see code, so that no value is bound inside a string or comment, and
+/// none is left unbound in code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lexing {
-    /// A backslash escapes the next character inside every `'…'` string (MySQL's
-    /// default), not only inside PostgreSQL `E'…'` strings.
+    /// A backslash escapes the next character inside every `'…'` string (and `"…"`
+    /// string, with `double_quoted_strings`), as MySQL's default `sql_mode` has it, not
+    /// only inside PostgreSQL `E'…'` strings.
     pub backslash_escapes: bool,
+    /// `"…"` is a string (MySQL without `ANSI_QUOTES`), not a quoted identifier.
+    pub double_quoted_strings: bool,
+    /// `#` starts a comment to the end of the line (MySQL).
+    pub hash_comments: bool,
+    /// `--` starts a comment only before a space, a control character or the end of the
+    /// statement (MySQL: `1--1` is one minus minus one); otherwise `--` always does.
+    pub dash_comments_need_space: bool,
+    /// `/* /* */ */` nests (PostgreSQL); otherwise the first `*/` ends a comment (MySQL).
+    pub nested_comments: bool,
+    /// `$$…$$` and `$tag$…$tag$` quote (PostgreSQL); otherwise `$` is an ordinary
+    /// character (MySQL, where it may be part of a name).
+    pub dollar_quotes: bool,
+}
+
+impl Lexing {
+    /// PostgreSQL's rules, also used where no dialect differs in a way that matters
+    /// (standard strings, nested comments, dollar quoting).
+    pub const fn standard() -> Lexing {
+        Lexing {
+            backslash_escapes: false,
+            double_quoted_strings: false,
+            hash_comments: false,
+            dash_comments_need_space: false,
+            nested_comments: true,
+            dollar_quotes: true,
+        }
+    }
+
+    /// MariaDB/MySQL with the write-back session's `sql_mode` (no `ANSI_QUOTES`, no
+    /// `NO_BACKSLASH_ESCAPES`; see `writeback/mysql.rs`).
+    pub const fn mysql() -> Lexing {
+        Lexing {
+            backslash_escapes: true,
+            double_quoted_strings: true,
+            hash_comments: true,
+            dash_comments_need_space: true,
+            nested_comments: false,
+            dollar_quotes: false,
+        }
+    }
+}
+
+impl Default for Lexing {
+    /// [`Lexing::standard`]: what the scan did before dialects could say otherwise.
+    fn default() -> Lexing {
+        Lexing::standard()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,19 +137,26 @@ impl Parsed {
                     text.extend(&chars[i..end]);
                     i = end;
                 }
+                '"' if lexing.double_quoted_strings => {
+                    let end = quoted_end(&chars, i, c, lexing.backslash_escapes)
+                        .ok_or(PlaceholderError::Unterminated("string"))?;
+                    text.extend(&chars[i..end]);
+                    i = end;
+                }
                 '"' | '`' => {
                     let end = quoted_end(&chars, i, c, false)
                         .ok_or(PlaceholderError::Unterminated("quoted identifier"))?;
                     text.extend(&chars[i..end]);
                     i = end;
                 }
-                '-' if next == Some('-') => {
-                    let end = chars[i..]
-                        .iter()
-                        .position(|&c| c == '\n')
-                        .map_or(n, |p| i + p + 1);
-                    text.extend(&chars[i..end]);
-                    i = end;
+                '#' if lexing.hash_comments => i = line_comment(&chars, i, &mut text),
+                '-' if next == Some('-')
+                    && (!lexing.dash_comments_need_space
+                        || chars
+                            .get(i + 2)
+                            .is_none_or(|&c| c == ' ' || c.is_ascii_control())) =>
+                {
+                    i = line_comment(&chars, i, &mut text);
                 }
                 '/' if next == Some('*') => {
                     let mut depth = 0usize;
@@ -106,7 +165,8 @@ impl Parsed {
                         if j + 1 >= n {
                             return Err(PlaceholderError::Unterminated("comment"));
                         }
-                        if chars[j] == '/' && chars[j + 1] == '*' {
+                        let opens = chars[j] == '/' && chars[j + 1] == '*';
+                        if opens && (depth == 0 || lexing.nested_comments) {
                             depth += 1;
                             j += 2;
                         } else if chars[j] == '*' && chars[j + 1] == '/' {
@@ -133,7 +193,7 @@ impl Parsed {
                     text.extend(&chars[i..end]);
                     i = end;
                 }
-                '$' if i == 0 || !is_ident_char(chars[i - 1]) => {
+                '$' if lexing.dollar_quotes && (i == 0 || !is_ident_char(chars[i - 1])) => {
                     // A dollar quote: `$$` or `$tag$` (tag: an identifier).
                     match dollar_tag(&chars, i) {
                         Some(tag_end) => {
@@ -281,6 +341,16 @@ impl std::fmt::Display for ValuesMismatch {
         }
         f.write_str(&parts.join("; "))
     }
+}
+
+/// Copies a line comment (through its newline) into `text`; returns where the scan goes on.
+fn line_comment(chars: &[char], start: usize, text: &mut String) -> usize {
+    let end = chars[start..]
+        .iter()
+        .position(|&c| c == '\n')
+        .map_or(chars.len(), |p| start + p + 1);
+    text.extend(&chars[start..end]);
+    end
 }
 
 fn is_ident_char(c: char) -> bool {
@@ -463,10 +533,48 @@ mod tests {
         let parsed = Parsed::parse("SELECT 'a\\', :b", Lexing::default()).unwrap();
         assert_eq!(parsed.names(), ["b"]);
         // With backslash escapes (MySQL), the same quote is escaped, and :b is inside.
-        let mysql = Lexing {
-            backslash_escapes: true,
-        };
-        let parsed = Parsed::parse("SELECT 'a\\', :b'", mysql).unwrap();
+        let parsed = Parsed::parse("SELECT 'a\\', :b'", Lexing::mysql()).unwrap();
         assert!(parsed.names().is_empty());
+    }
+
+    fn mysql(sql: &str) -> (String, Vec<String>) {
+        let parsed = Parsed::parse(sql, Lexing::mysql()).unwrap();
+        let (rendered, order) = parsed.render(BindStyle::Question);
+        let names = order.iter().map(|&i| parsed.names()[i].clone()).collect();
+        (rendered, names)
+    }
+
+    #[test]
+    fn mysql_comments_and_strings_follow_mysql() {
+        // `#` comments, also holding quotes and colons.
+        let (sql, names) = mysql("UPDATE t SET a = :a # it's :b \"x\n WHERE id = :id");
+        assert_eq!(names, ["a", "id"]);
+        assert_eq!(sql, "UPDATE t SET a = ? # it's :b \"x\n WHERE id = ?");
+        assert_eq!(mysql("SELECT :a # :b").1, ["a"]);
+        // The standard scan reads `#` as code.
+        let parsed = Parsed::parse("SELECT 1 # :b\n", Lexing::default()).unwrap();
+        assert_eq!(parsed.names(), ["b"]);
+        // `--` is a comment only before a space or control character (or the end).
+        assert!(mysql("SELECT 1 -- :x\n, :y").1 == ["y"]);
+        assert!(mysql("SELECT 1 --\t:x\n, :y").1 == ["y"]);
+        assert!(mysql("SELECT 1 --").1.is_empty());
+        assert_eq!(mysql("SELECT 1--:x").1, ["x"]);
+        assert_eq!(mysql("SELECT 1--\u{a0}:x").1, ["x"]);
+        // `"…"` is a string with backslash escapes and doubled quotes.
+        assert!(mysql("SELECT \"a\\\" :x\"").1.is_empty());
+        assert!(mysql("SELECT \"say \"\":x\"\"\", :y").1 == ["y"]);
+        assert_eq!(
+            Parsed::parse("SELECT \"open", Lexing::mysql()),
+            Err(PlaceholderError::Unterminated("string"))
+        );
+        // Comments do not nest: the first `*/` ends one.
+        assert_eq!(mysql("SELECT /* a /* b */ :x */").1, ["x"]);
+        assert!(pg("SELECT /* a /* b */ :x */").1.is_empty());
+        // No dollar quoting: `$` is part of a name.
+        assert_eq!(mysql("SELECT $$:x$$, :y").1, ["x$$", "y"]);
+        assert_eq!(mysql("SELECT $a$ :x $a$").1, ["x"]);
+        // Backticks quote identifiers, without backslash escapes.
+        assert!(mysql("SELECT `a\\`, :y").1 == ["y"]);
+        assert_eq!(Lexing::default(), Lexing::standard());
     }
 }
