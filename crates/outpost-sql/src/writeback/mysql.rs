@@ -544,25 +544,8 @@ fn line_end(chars: &[char], start: usize, out: &mut String) -> usize {
 /// is part of the run, and inside strings (not `` `identifiers` ``) a backslash escapes the
 /// next character.
 fn quoted_end(chars: &[char], start: usize) -> Option<usize> {
-    let quote = chars[start];
-    let backslash = quote != '`';
-    let mut j = start + 1;
-    while j < chars.len() {
-        let c = chars[j];
-        if backslash && c == '\\' {
-            j += 2;
-            continue;
-        }
-        if c == quote {
-            if chars.get(j + 1) == Some(&quote) {
-                j += 2;
-                continue;
-            }
-            return Some(j + 1);
-        }
-        j += 1;
-    }
-    None
+    let quote = *chars.get(start)?;
+    super::placeholders::quoted_end(chars, start, quote, quote != '`')
 }
 
 #[cfg(test)]

@@ -359,7 +359,12 @@ fn is_ident_char(c: char) -> bool {
 
 /// The index just past the closing quote of a quoted run starting at `start`; a doubled
 /// quote is part of the run.
-fn quoted_end(chars: &[char], start: usize, quote: char, backslash: bool) -> Option<usize> {
+pub(crate) fn quoted_end(
+    chars: &[char],
+    start: usize,
+    quote: char,
+    backslash: bool,
+) -> Option<usize> {
     let mut j = start + 1;
     while j < chars.len() {
         let c = chars[j];
