@@ -110,10 +110,10 @@ async fn read_all(
     chunk_rows: u32,
     sender: &mpsc::Sender<Result<Read, SqlError>>,
 ) -> Result<(), SqlError> {
-    let mut item = Item::new(table, chunk_rows);
+    let mut item = Item::new(chunk_rows as usize);
     while let Some(encoder) = encoders.get(table) {
         if !encoder
-            .read_table(client, after.as_deref(), &mut item, sender)
+            .read_table(client, table, after.as_deref(), &mut item, sender)
             .await?
         {
             // The source was dropped; the snapshot transaction goes with its connection.
@@ -121,44 +121,31 @@ async fn read_all(
         }
         // The table is done: what is left of it goes as one item, resuming at the next.
         if item.count > 0 {
-            let rest = std::mem::replace(&mut item, Item::new(table + 1, chunk_rows));
+            let rest = std::mem::replace(&mut item, Item::new(chunk_rows as usize));
             if !rest.hand_on(encoder, table + 1, None, sender).await {
                 return Ok(());
             }
         }
         table += 1;
-        item.table = table;
         after = None;
     }
     Ok(())
 }
 
-/// The item being filled: events of one table, cut at `chunk_rows` events or
-/// [`ITEM_BYTES`], whichever comes first, across query boundaries.
+/// The item being filled: events of one table, cut at `max_count` events (`chunk_rows`) or
+/// [`ITEM_BYTES`], whichever comes first.
 struct Item {
-    table: usize,
     ndjson: Vec<u8>,
     count: usize,
     max_count: usize,
 }
 
 impl Item {
-    fn new(table: usize, chunk_rows: u32) -> Item {
+    fn new(max_count: usize) -> Item {
         Item {
-            table,
             ndjson: Vec::with_capacity(ITEM_BYTES + ITEM_BYTES / 8),
             count: 0,
-            max_count: chunk_rows as usize,
-        }
-    }
-
-    /// An empty item for the same table.
-    fn next(&self) -> Item {
-        Item {
-            table: self.table,
-            ndjson: Vec::with_capacity(ITEM_BYTES + ITEM_BYTES / 8),
-            count: 0,
-            max_count: self.max_count,
+            max_count,
         }
     }
 
@@ -316,12 +303,13 @@ impl TableEncoder {
         }
     }
 
-    /// Reads the table's rows after `after` into `item`, in one query whose rows are taken
-    /// as they come, handing each full item on with the position after its last row.
-    /// Returns false when the source is gone and reading should stop.
+    /// Reads this table's rows after `after` into `item`, in one query whose rows are taken
+    /// as they come, handing each full item on with the position after its last row
+    /// (`table` is this table's index). Returns false when the source is gone.
     async fn read_table(
         &self,
         client: &Client,
+        table: usize,
         after: Option<&[String]>,
         item: &mut Item,
         sender: &mpsc::Sender<Result<Read, SqlError>>,
@@ -347,8 +335,7 @@ impl TableEncoder {
             item.count += 1;
             if item.is_full() {
                 let key = self.key_text(&row)?;
-                let full = std::mem::replace(item, item.next());
-                let table = full.table;
+                let full = std::mem::replace(item, Item::new(item.max_count));
                 if !full.hand_on(self, table, Some(key), sender).await {
                     return Ok(false);
                 }
