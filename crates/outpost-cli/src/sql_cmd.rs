@@ -47,6 +47,13 @@ pub enum SqlAction {
         #[arg(long)]
         follow: bool,
     },
+    /// Forget where a SQL source stopped, so it takes a new snapshot: the way out when
+    /// the database no longer holds the changes after the stored position (binlog
+    /// purged, change tracking cleaned up). A running agent restarts the source.
+    Reset {
+        /// The source's name.
+        source: String,
+    },
 }
 
 /// One `[[source]] kind = "sql"`.
@@ -225,7 +232,42 @@ pub async fn run(config_path: &Path, action: SqlAction) -> anyhow::Result<()> {
             let config = load(config_path, source.as_deref())?;
             status(&config, follow).await
         }
+        SqlAction::Reset { source } => {
+            let config = load(config_path, Some(&source))?;
+            if config.sources.is_empty() {
+                anyhow::bail!(
+                    "{}: no [[source]] with kind = \"sql\" and name = {source:?}",
+                    config_path.display()
+                );
+            }
+            reset(&config.data_dir, &source).await
+        }
     }
+}
+
+/// Removes the position stored for `source` (in the queue, and an older version's file).
+async fn reset(data_dir: &Path, source: &str) -> anyhow::Result<()> {
+    let in_queue = match Queue::open_existing(data_dir) {
+        Ok(queue) => {
+            let forgotten = queue.forget_source_state(&format!("sql:{source}")).await;
+            queue.close().await?;
+            forgotten?
+        }
+        Err(outpost_queue::QueueError::Missing { .. }) => false,
+        Err(err) => return Err(err.into()),
+    };
+    let legacy = data_dir.join("sql").join(source).join("position");
+    let in_file = match std::fs::remove_file(&legacy) {
+        Ok(()) => true,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+        Err(err) => return Err(err).with_context(|| format!("remove {}", legacy.display())),
+    };
+    if in_queue || in_file {
+        println!("source {source}: stored position forgotten; it takes a new snapshot when it next starts (a running agent restarts it at its next batch)");
+    } else {
+        println!("source {source}: no stored position (it takes a snapshot when it starts)");
+    }
+    Ok(())
 }
 
 fn grants_text(config: &SqlConfig) -> anyhow::Result<String> {

@@ -257,3 +257,66 @@ fn a_snapshot_killed_with_9_resumes_and_loses_no_row() {
     assert_eq!(first["after"]["lname"], json!("Müller"));
     assert_eq!(first["after"]["birthdate"], json!("1980-02-29"));
 }
+
+#[test]
+fn sql_reset_makes_a_running_source_take_a_new_snapshot() {
+    if skip_postgres_tests("sql_reset_makes_a_running_source_take_a_new_snapshot") {
+        return;
+    }
+    let db = PgDatabase::create();
+    db.psql(SCHEMA);
+    let agent = Agent::start(BIN, &minimal_config(&db.url()));
+    let file = agent.dir().join("events.jsonl");
+    wait_for_count(&agent, &file, 5, "the snapshot is in the file");
+    let config = agent.config_path().to_string_lossy().into_owned();
+
+    let unknown = agent.run_cli(&["sql", "reset", "billing", "--config", &config]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success());
+    assert!(stderr.contains("no SQL source or sink named \"billing\""), "{stderr}");
+
+    let reset = agent.run_cli(&["sql", "reset", "pms", "--config", &config]);
+    let stdout = String::from_utf8_lossy(&reset.stdout);
+    assert!(
+        reset.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    assert!(
+        stdout.contains("source pms: stored position forgotten"),
+        "{stdout}"
+    );
+
+    // The running source's next batch (a heartbeat at the latest) no longer follows the
+    // stored state, so it is refused and the source restarts from nothing: a new snapshot.
+    let events = wait_for_count(&agent, &file, 10, "the snapshot is taken again");
+    let snapshots: Vec<_> = events
+        .iter()
+        .filter(|e| e["op"] == "snapshot")
+        .map(|e| {
+            (
+                e["table"].as_str().unwrap().to_owned(),
+                e["key"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(snapshots.len(), 10, "{snapshots:?}");
+    assert_eq!(
+        snapshots[..5],
+        snapshots[5..],
+        "the same rows, snapshotted twice"
+    );
+    assert!(
+        agent.log().contains("batch refused"),
+        "the refusal is logged: {}",
+        agent.log_tail(20)
+    );
+
+    // Changes after the new snapshot still arrive.
+    db.psql("INSERT INTO patient VALUES (4, 'Nguyễn', 'Anh', NULL, 1.00)");
+    let events = wait_for_count(&agent, &file, 11, "an insert after the reset");
+    assert_eq!(
+        brief(&events[10]),
+        ("patient".into(), "insert".into(), json!({"patnum": 4}))
+    );
+}

@@ -7,7 +7,8 @@
 
 use outpost_core::ItemId;
 
-use crate::QueueError;
+use crate::seal::NONCE_BYTES;
+use crate::{Keys, QueueError};
 
 /// Stored as given.
 pub(crate) const PLAIN: i64 = 0;
@@ -32,20 +33,70 @@ pub(crate) fn pack(payload: &[u8]) -> (std::borrow::Cow<'_, [u8]>, i64) {
     (std::borrow::Cow::Borrowed(payload), PLAIN)
 }
 
+/// The largest payload a compressed item may claim to hold. Items are messages and
+/// snapshot chunks of a few MiB; large files (DICOM) are blobs, not items.
+const MAX_PLAIN_BYTES: i64 = 1 << 30;
+
+/// An item's payload sealed for the queue file: `(sealed, nonce, codec)`.
+///
+/// A payload stored as given is bound to its item id only (the format of version-1 files);
+/// a packed one is bound to its id, codec and plain length too, so altering either clear
+/// column makes it fail to open instead of steering the decoder (or its allocation).
+pub(crate) fn seal_item(
+    keys: &Keys,
+    id: ItemId,
+    payload: &[u8],
+) -> (Vec<u8>, [u8; NONCE_BYTES], i64) {
+    let (packed, codec) = pack(payload);
+    let (sealed, nonce) = keys.seal_bound(&item_context(id, codec, payload.len() as i64), &packed);
+    (sealed, nonce, codec)
+}
+
+/// Opens and unpacks an item's payload sealed by [`seal_item`].
+pub(crate) fn open_item(
+    keys: &Keys,
+    id: ItemId,
+    codec: i64,
+    plain_bytes: i64,
+    nonce: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, QueueError> {
+    let opened = keys
+        .open_bound(&item_context(id, codec, plain_bytes), nonce, sealed)
+        .ok_or(QueueError::Unseal { id })?;
+    unpack(id, codec, opened, plain_bytes)
+}
+
+fn item_context(id: ItemId, codec: i64, plain_bytes: i64) -> Vec<u8> {
+    let mut context = id.0.to_le_bytes().to_vec();
+    if codec != PLAIN {
+        context.extend_from_slice(&codec.to_le_bytes());
+        context.extend_from_slice(&plain_bytes.to_le_bytes());
+    }
+    context
+}
+
 /// The payload back from what was sealed; `plain_bytes` is its recorded length.
-pub(crate) fn unpack(
+fn unpack(
     id: ItemId,
     codec: i64,
     opened: Vec<u8>,
     plain_bytes: i64,
 ) -> Result<Vec<u8>, QueueError> {
     match codec {
-        PLAIN => Ok(opened),
+        PLAIN if i64::try_from(opened.len()) == Ok(plain_bytes) => Ok(opened),
+        PLAIN => Err(QueueError::Corrupt {
+            id,
+            what: "payload_bytes",
+        }),
         ZSTD => {
-            let capacity = usize::try_from(plain_bytes).map_err(|_| QueueError::Corrupt {
-                id,
-                what: "payload_bytes",
-            })?;
+            let capacity = usize::try_from(plain_bytes)
+                .ok()
+                .filter(|_| plain_bytes <= MAX_PLAIN_BYTES)
+                .ok_or(QueueError::Corrupt {
+                    id,
+                    what: "payload_bytes",
+                })?;
             let payload =
                 zstd::bulk::decompress(&opened, capacity).map_err(|_| QueueError::Corrupt {
                     id,
@@ -97,5 +148,29 @@ mod tests {
         assert!(unpack(ItemId(1), codec, packed.to_vec(), -1).is_err());
         assert!(unpack(ItemId(1), 9, packed.to_vec(), 100_000).is_err());
         assert!(unpack(ItemId(1), ZSTD, b"not zstd".to_vec(), 100_000).is_err());
+        assert!(unpack(ItemId(1), PLAIN, b"abc".to_vec(), 4).is_err());
+    }
+
+    #[test]
+    fn a_sealed_item_opens_only_with_its_own_id_codec_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::load_or_create(&dir.path().join("queue.key")).unwrap();
+        let payload = vec![b'x'; 100_000];
+        let (sealed, nonce, codec) = seal_item(&keys, ItemId(3), &payload);
+        assert_eq!(codec, ZSTD);
+        let open = |id, codec, len| open_item(&keys, ItemId(id), codec, len, &nonce, &sealed);
+        assert_eq!(open(3, codec, 100_000).unwrap(), payload);
+        // A length raised to make the decoder allocate, a codec switched, another row:
+        // each fails authentication before anything is decoded.
+        for (id, codec, len) in [(3, ZSTD, i64::MAX), (3, PLAIN, 100_000), (4, ZSTD, 100_000)] {
+            assert!(
+                matches!(open(id, codec, len), Err(QueueError::Unseal { .. })),
+                "{id} {codec} {len}"
+            );
+        }
+        // Small payloads keep the version-1 form: bound to the id alone.
+        let (sealed, nonce, codec) = seal_item(&keys, ItemId(5), b"MSH|small");
+        assert_eq!(codec, PLAIN);
+        assert_eq!(keys.open(ItemId(5), &nonce, &sealed).unwrap(), b"MSH|small");
     }
 }

@@ -48,6 +48,16 @@ pub enum QueueError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The queue file's schema version is not this outpost's.
+    #[error("queue file {}: schema version {found} is {detail}", path.display())]
+    Version {
+        /// The queue file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// Newer or older, and what to do.
+        detail: &'static str,
+    },
     /// The disk holding the queue is (nearly) full; intake stops until space is freed.
     #[error("disk full: {available_bytes} bytes free under {}, at least {required_bytes} required; intake paused", path.display())]
     DiskFull {
@@ -75,6 +85,19 @@ pub enum QueueError {
     /// The writer thread has stopped (the queue is closing).
     #[error("queue is closed")]
     Closed,
+    /// A source's stored state is not the one its batch expected: an earlier batch failed,
+    /// or the state was reset. Nothing of the batch was written.
+    #[error("source state {name:?} is not the one this batch follows (an earlier batch failed or the state was reset); batch refused, the source must restart from the stored state")]
+    StateMoved {
+        /// The state's name.
+        name: String,
+    },
+    /// A source's stored state fails authentication or is not text.
+    #[error("source state {name:?} cannot be unsealed (wrong key or altered queue file)")]
+    StateUnreadable {
+        /// The state's name.
+        name: String,
+    },
     /// A stored value could not be read back.
     #[error("item {id}: stored {what} is invalid")]
     Corrupt {

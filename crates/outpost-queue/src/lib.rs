@@ -85,6 +85,11 @@ pub struct NewItem {
 pub struct SourceState {
     /// Whose state: a name the source chooses (`sql:<source>`).
     pub name: String,
+    /// The state the source believes is stored: the one it started from, then the one its
+    /// previous batch recorded (`None`: nothing recorded yet). When the stored state
+    /// differs, the whole batch is refused with [`QueueError::StateMoved`]: a batch that
+    /// failed must never be passed over by a later one recording a position beyond it.
+    pub expected: Option<String>,
     /// The state, opaque to the queue; sealed on disk.
     pub value: String,
 }
@@ -103,8 +108,39 @@ impl Appending {
     }
 }
 
-/// The sealing context of source states (item ids start at 1, so no item shares it).
-pub(crate) const STATE_CONTEXT: ItemId = ItemId(0);
+/// The sealing context of a source's state: bound to its name, so one source's state
+/// cannot be passed off as another's. (Item contexts are 8 or 24 bytes of numbers; this
+/// one is longer, so the two never coincide.)
+pub(crate) fn state_context(name: &str) -> Vec<u8> {
+    let mut context = b"outpost source state\0".to_vec();
+    context.extend_from_slice(name.as_bytes());
+    context
+}
+
+/// Opens a sealed source state.
+pub(crate) fn open_state(
+    keys: &Keys,
+    name: &str,
+    nonce: &[u8],
+    sealed: &[u8],
+) -> Result<String, QueueError> {
+    let plain = keys
+        .open_bound(&state_context(name), nonce, sealed)
+        .ok_or_else(|| QueueError::StateUnreadable {
+            name: name.to_owned(),
+        })?;
+    String::from_utf8(plain).map_err(|_| QueueError::StateUnreadable {
+        name: name.to_owned(),
+    })
+}
+
+/// What opening does with a queue file older than this version.
+enum Upgrade {
+    /// Create the tables (new file) or upgrade it (the agent).
+    Create,
+    /// Refuse with [`QueueError::Version`] (inspection tools).
+    Refuse,
+}
 
 /// How a sink retries a failed delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +255,7 @@ impl Queue {
             source,
         })?;
         let keys = Keys::load_or_create(&data_dir.join(KEY_FILE))?;
-        Self::start(data_dir, keys, options)
+        Self::start(data_dir, keys, options, Upgrade::Create)
     }
 
     /// Opens an existing queue for inspection tools; never creates anything.
@@ -237,33 +273,45 @@ impl Queue {
                 reserve_bytes: 0,
                 ..QueueOptions::default()
             },
+            Upgrade::Refuse,
         )
     }
 
-    fn start(data_dir: &Path, keys: Keys, options: QueueOptions) -> Result<Self, QueueError> {
+    fn start(
+        data_dir: &Path,
+        keys: Keys,
+        options: QueueOptions,
+        upgrade: Upgrade,
+    ) -> Result<Self, QueueError> {
         let db_path = data_dir.join(QUEUE_FILE);
         let sqlite = |source| QueueError::Sqlite {
             path: db_path.clone(),
             source,
         };
-        let writer_conn = Connection::open(&db_path).map_err(sqlite)?;
+        let mut writer_conn = Connection::open(&db_path).map_err(sqlite)?;
         schema::configure(&writer_conn).map_err(sqlite)?;
-        let version: i64 = writer_conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sqlite)?;
+        let version = schema::version(&writer_conn).map_err(sqlite)?;
         if version > schema::SCHEMA_VERSION {
-            return Err(QueueError::Sqlite {
+            return Err(QueueError::Version {
                 path: db_path.clone(),
-                source: rusqlite::Error::InvalidParameterName(format!(
-                    "schema version {version} is newer than this outpost understands ({})",
-                    schema::SCHEMA_VERSION
-                )),
+                found: version,
+                detail: "newer than this outpost understands; use the outpost that wrote it",
             });
         }
         // Only a new (or older) file is written here: an inspection tool opening the queue
-        // beside a running agent must not take the write lock just to look.
+        // beside a running agent must not take the write lock just to look, nor upgrade
+        // the file under an agent of the version before.
         if version < schema::SCHEMA_VERSION {
-            schema::create(&writer_conn).map_err(sqlite)?;
+            match upgrade {
+                Upgrade::Create => schema::create(&mut writer_conn).map_err(sqlite)?,
+                Upgrade::Refuse => {
+                    return Err(QueueError::Version {
+                        path: db_path.clone(),
+                        found: version,
+                        detail: "older than this outpost; start the agent of this version once to upgrade it",
+                    })
+                }
+            }
         }
         let reader = Connection::open_with_flags(
             &db_path,
@@ -374,18 +422,25 @@ impl Queue {
                 )
                 .optional()
                 .map_err(sqlite)?;
-            let Some((nonce, sealed)) = row else {
-                return Ok(None);
-            };
-            let plain = keys.open(STATE_CONTEXT, &nonce, &sealed)?;
-            String::from_utf8(plain)
-                .map(Some)
-                .map_err(|_| QueueError::Corrupt {
-                    id: STATE_CONTEXT,
-                    what: "source state",
-                })
+            row.map(|(nonce, sealed)| open_state(keys, &name, &nonce, &sealed))
+                .transpose()
         })
         .await
+    }
+
+    /// Forgets the state recorded under `name`, so the source starts over (a new
+    /// snapshot) the next time it opens; a running source notices at its next batch,
+    /// which is refused, and restarts. Returns whether there was a state to forget.
+    pub async fn forget_source_state(&self, name: &str) -> Result<bool, QueueError> {
+        match self
+            .submit(Op::ForgetState {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Outcome::Count(n) => Ok(n > 0),
+            _ => Err(QueueError::Closed),
+        }
     }
 
     /// Keeps an item that intake refused (malformed, no route) for inspection; it has no

@@ -172,7 +172,7 @@ impl Queue {
                 let nonce: Vec<u8> = r.get(6).map_err(&sqlite)?;
                 let sealed: Vec<u8> = r.get(7).map_err(&sqlite)?;
                 let codec: i64 = r.get(12).map_err(&sqlite)?;
-                let payload = codec::unpack(id, codec, keys.open(id, &nonce, &sealed)?, size)?;
+                let payload = codec::open_item(keys, id, codec, size, &nonce, &sealed)?;
                 leases.push(Lease {
                     id,
                     source: r.get(8).map_err(&sqlite)?,
@@ -428,11 +428,13 @@ impl SealedItem {
         sqlite: &impl Fn(rusqlite::Error) -> QueueError,
     ) -> Result<StoredItem, QueueError> {
         let id = self.id;
-        let payload = codec::unpack(
+        let payload = codec::open_item(
+            keys,
             id,
             self.codec,
-            keys.open(id, &self.nonce, &self.sealed)?,
             self.payload_bytes,
+            &self.nonce,
+            &self.sealed,
         )?;
         let kind = self
             .kind

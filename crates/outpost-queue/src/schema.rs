@@ -29,9 +29,20 @@ pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Creates the tables on a new file.
-pub fn create(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(
+/// The file's schema version (0: a new file).
+pub fn version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+/// Creates the tables on a new file, or upgrades an older one. It runs under the write
+/// lock and looks again once it holds it, so two processes opening one file at once
+/// (an agent and `outpost queue`) cannot both upgrade it.
+pub fn create(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if version(&tx)? >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS items (
             id              INTEGER PRIMARY KEY AUTOINCREMENT,
             source          TEXT NOT NULL,
@@ -72,12 +83,12 @@ pub fn create(conn: &Connection) -> rusqlite::Result<()> {
         ) WITHOUT ROWID;",
     )?;
     // Version 1 files: their items table has no codec column (all payloads as given).
-    let has_codec = conn
+    let has_codec = tx
         .prepare("SELECT 1 FROM pragma_table_info('items') WHERE name = 'codec'")?
         .exists([])?;
     if !has_codec {
-        conn.execute_batch("ALTER TABLE items ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")?;
+        tx.execute_batch("ALTER TABLE items ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")?;
     }
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    Ok(())
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }

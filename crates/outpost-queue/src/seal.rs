@@ -59,16 +59,28 @@ impl Keys {
     /// Seals `plain` for item `id`; the id is bound in as associated data so a sealed
     /// payload moved to another row fails to open.
     pub fn seal(&self, id: ItemId, plain: &[u8]) -> (Vec<u8>, [u8; NONCE_BYTES]) {
+        self.seal_bound(&id.0.to_le_bytes(), plain)
+    }
+
+    /// Opens a payload sealed by [`Keys::seal`].
+    pub fn open(&self, id: ItemId, nonce: &[u8], sealed: &[u8]) -> Result<Vec<u8>, QueueError> {
+        self.open_bound(&id.0.to_le_bytes(), nonce, sealed)
+            .ok_or(QueueError::Unseal { id })
+    }
+
+    /// Seals `plain` bound to `context` (associated data): it opens only with the same
+    /// context, so a sealed value moved elsewhere, or a clear column bound into the context
+    /// and then altered, fails to open.
+    pub(crate) fn seal_bound(&self, context: &[u8], plain: &[u8]) -> (Vec<u8>, [u8; NONCE_BYTES]) {
         let mut nonce = [0u8; NONCE_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let aad = id.0.to_le_bytes();
         let sealed = self
             .cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: plain,
-                    aad: &aad,
+                    aad: context,
                 },
             )
             .unwrap_or_else(|_| {
@@ -77,21 +89,26 @@ impl Keys {
         (sealed, nonce)
     }
 
-    /// Opens a payload sealed by [`Keys::seal`].
-    pub fn open(&self, id: ItemId, nonce: &[u8], sealed: &[u8]) -> Result<Vec<u8>, QueueError> {
+    /// Opens a value sealed by [`Keys::seal_bound`] with the same context; `None` when it
+    /// does not authenticate (wrong key, altered bytes or context, a bad nonce).
+    pub(crate) fn open_bound(
+        &self,
+        context: &[u8],
+        nonce: &[u8],
+        sealed: &[u8],
+    ) -> Option<Vec<u8>> {
         if nonce.len() != NONCE_BYTES {
-            return Err(QueueError::Corrupt { id, what: "nonce" });
+            return None;
         }
-        let aad = id.0.to_le_bytes();
         self.cipher
             .decrypt(
                 XNonce::from_slice(nonce),
                 Payload {
                     msg: sealed,
-                    aad: &aad,
+                    aad: context,
                 },
             )
-            .map_err(|_| QueueError::Unseal { id })
+            .ok()
     }
 
     /// A keyed digest of a patient identifier: equal inputs give equal digests, and the

@@ -91,21 +91,20 @@ async fn items_and_a_source_state_are_committed_together_and_sealed() {
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
     assert_eq!(queue.source_state("sql:pms").await.unwrap(), None);
-    let state = |value: &str| SourceState {
-        name: "sql:pms".into(),
-        value: value.into(),
-    };
     let ids = queue
         .append_with_state(
             vec![item(1, &["a"]), item(2, &["a"])],
-            Some(state("patient after 'Müller'")),
+            Some(state(None, "patient after 'Müller'")),
         )
         .await
         .unwrap();
     assert_eq!(ids.len(), 2);
     assert!(ids[0] < ids[1]);
     queue
-        .append_with_state(vec![item(3, &["a"])], Some(state("lsn 0/16B3748")))
+        .append_with_state(
+            vec![item(3, &["a"])],
+            Some(state(Some("patient after 'Müller'"), "lsn 0/16B3748")),
+        )
         .await
         .unwrap();
     // Without a state the last one stays.
@@ -133,6 +132,132 @@ async fn items_and_a_source_state_are_committed_together_and_sealed() {
         .await
         .unwrap();
     assert_eq!(leases.len(), 4);
+}
+
+fn state(expected: Option<&str>, value: &str) -> SourceState {
+    SourceState {
+        name: "sql:pms".into(),
+        expected: expected.map(str::to_owned),
+        value: value.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_whose_predecessor_failed_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    queue
+        .append_with_state(vec![item(1, &["a"])], Some(state(None, "p1")))
+        .await
+        .unwrap();
+    // Three batches in flight; the first is refused (its expected state is not the
+    // stored one, as after any failure), so the two after it, which follow from it, must
+    // be refused too: otherwise the stored position would pass over its items.
+    let first = queue
+        .enqueue_with_state(vec![item(2, &["a"])], Some(state(Some("p0"), "p2")))
+        .await
+        .unwrap();
+    let second = queue
+        .enqueue_with_state(vec![item(3, &["a"])], Some(state(Some("p2"), "p3")))
+        .await
+        .unwrap();
+    let heartbeat = queue
+        .enqueue_with_state(vec![], Some(state(Some("p3"), "p4")))
+        .await
+        .unwrap();
+    for appending in [first, second, heartbeat] {
+        let err = appending.committed().await.err().unwrap();
+        assert!(
+            matches!(err, QueueError::StateMoved { ref name } if name == "sql:pms"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        queue.source_state("sql:pms").await.unwrap().as_deref(),
+        Some("p1")
+    );
+    let (leases, _) = queue
+        .ready_after(&sink("a"), ItemId(0), 10, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1, "nothing of a refused batch is written");
+
+    // A reset forgets the state; the source, starting over, expects none.
+    assert!(queue.forget_source_state("sql:pms").await.unwrap());
+    assert!(!queue.forget_source_state("sql:pms").await.unwrap());
+    let stale = queue
+        .append_with_state(vec![], Some(state(Some("p1"), "p5")))
+        .await;
+    assert!(matches!(stale, Err(QueueError::StateMoved { .. })));
+    queue
+        .append_with_state(vec![item(4, &["a"])], Some(state(None, "fresh")))
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.source_state("sql:pms").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+}
+
+#[tokio::test]
+async fn a_source_state_opens_only_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    queue
+        .append_with_state(vec![], Some(state(None, "lsn 0/1")))
+        .await
+        .unwrap();
+    queue.close().await.unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(QUEUE_FILE)).unwrap();
+    conn.execute(
+        "INSERT INTO source_state (name, nonce, value, updated_at)
+         SELECT 'sql:other', nonce, value, updated_at FROM source_state WHERE name = 'sql:pms'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let reopened = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    assert_eq!(
+        reopened.source_state("sql:pms").await.unwrap().as_deref(),
+        Some("lsn 0/1")
+    );
+    let err = reopened.source_state("sql:other").await.err().unwrap();
+    assert!(matches!(err, QueueError::StateUnreadable { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_upgraded_by_the_agent_and_left_alone_by_inspection() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    let id = queue.append(item(1, &["a"])).await.unwrap();
+    queue.close().await.unwrap();
+    // Make it what version 1 wrote: no codec column, no source states.
+    let conn = rusqlite::Connection::open(dir.path().join(QUEUE_FILE)).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE items DROP COLUMN codec; DROP TABLE source_state; PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let err = Queue::open_existing(dir.path()).err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("schema version 1 is older than this outpost"),
+        "{err}"
+    );
+    let conn = rusqlite::Connection::open(dir.path().join(QUEUE_FILE)).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1, "inspection must not upgrade the file");
+    drop(conn);
+
+    let upgraded = Queue::open(dir.path(), QueueOptions::default()).unwrap();
+    let stored = upgraded.get(id).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&stored.payload).contains("SECRETNAME1"));
+    assert_eq!(upgraded.source_state("sql:pms").await.unwrap(), None);
+    upgraded.close().await.unwrap();
+    assert!(Queue::open_existing(dir.path()).is_ok());
 }
 
 #[tokio::test]

@@ -15,9 +15,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::schema::{DEAD, DELIVERED, PENDING};
-use crate::{
-    now_ms, FailureOutcome, Keys, NewItem, QueueError, RetryPolicy, SourceState, STATE_CONTEXT,
-};
+use crate::{now_ms, FailureOutcome, Keys, NewItem, QueueError, RetryPolicy, SourceState};
 
 /// A change to apply, with where to send its result.
 pub(crate) struct Command {
@@ -46,6 +44,10 @@ pub(crate) enum Op {
         error: String,
         policy: RetryPolicy,
         is_permanent: bool,
+    },
+    /// Removes a source's state.
+    ForgetState {
+        name: String,
     },
     RetryDead {
         sink: Option<ConnectorName>,
@@ -325,8 +327,7 @@ impl Writer {
     ) -> rusqlite::Result<ItemId> {
         let id = ItemId(self.next_id);
         self.next_id += 1;
-        let (packed, codec) = crate::codec::pack(&item.payload);
-        let (sealed, nonce) = self.keys.seal(id, &packed);
+        let (sealed, nonce, codec) = crate::codec::seal_item(&self.keys, id, &item.payload);
         let digest = item.subject.as_deref().map(|s| self.keys.subject_digest(s));
         tx.prepare_cached(
             "INSERT INTO items (id, source, kind, received_at, msg_type, control_id,
@@ -383,13 +384,35 @@ impl Writer {
                 if let (Err(low), false) = (has_room, items.is_empty()) {
                     return Ok(Err(self.disk_full(low)));
                 }
+                if let Some(state) = state {
+                    let stored: Option<(Vec<u8>, Vec<u8>)> = tx
+                        .prepare_cached("SELECT nonce, value FROM source_state WHERE name = ?1")?
+                        .query_row([&state.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    let stored = match stored {
+                        Some((nonce, sealed)) => {
+                            match crate::open_state(&self.keys, &state.name, &nonce, &sealed) {
+                                Ok(value) => Some(value),
+                                Err(err) => return Ok(Err(err)),
+                            }
+                        }
+                        None => None,
+                    };
+                    if stored != state.expected {
+                        return Ok(Err(QueueError::StateMoved {
+                            name: state.name.clone(),
+                        }));
+                    }
+                }
                 let mut ids = Vec::with_capacity(items.len());
                 for item in items {
                     ids.push(self.insert_item(tx, item, None, now)?);
                 }
                 if let Some(state) = state {
                     // Sealed like a payload: a resume position may hold key values.
-                    let (sealed, nonce) = self.keys.seal(STATE_CONTEXT, state.value.as_bytes());
+                    let (sealed, nonce) = self
+                        .keys
+                        .seal_bound(&crate::state_context(&state.name), state.value.as_bytes());
                     tx.prepare_cached(
                         "INSERT INTO source_state (name, nonce, value, updated_at) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (name) DO UPDATE SET nonce = excluded.nonce,
@@ -450,6 +473,12 @@ impl Writer {
                 )?
                 .execute(params![id.0, sink.as_str(), state, attempts, next_at, error, now])?;
                 Ok(Ok(Outcome::Failed(outcome)))
+            }
+            Op::ForgetState { name } => {
+                let removed = tx
+                    .prepare_cached("DELETE FROM source_state WHERE name = ?1")?
+                    .execute([name])?;
+                Ok(Ok(Outcome::Count(removed)))
             }
             Op::RetryDead { sink, id } => {
                 let changed = tx

@@ -28,8 +28,9 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
         .unwrap_or_else(|| PathBuf::from("."));
     let state_name = format!("sql:{}", cx.name);
     let legacy_path = state_dir.join(LEGACY_POSITION_FILE);
-    let mut legacy_file = legacy_path.exists();
-    let stored = match cx.queue.source_state(&state_name).await? {
+    let legacy_file = legacy_path.exists();
+    let queued_state = cx.queue.source_state(&state_name).await?;
+    let stored = match queued_state.clone() {
         Some(text) => Some(Position(text)),
         None => {
             let (dir, path) = (state_dir.clone(), legacy_path.clone());
@@ -47,98 +48,132 @@ pub async fn run_source(config: SourceConfig, cx: SourceContext) -> Result<(), C
     let sinks = cx.config.sinks_for(&cx.name, None);
     tracing::info!(tables = config.tables.len(), "sql source started");
     cx.health.set_state(&cx.name, ConnectorState::Running);
-    // Until a batch holds nothing the queue already has, look each event up first.
-    let mut checking = true;
-    let mut tracker = super::progress::Tracker::default();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(IN_FLIGHT);
-    loop {
-        let mut batch = tokio::select! {
-            _ = cx.shutdown.cancelled() => break,
-            batch = source.next_batch() => batch.map_err(unavailable)?,
-        };
-        // From here the batch is brought to a safe point even if shutdown comes meanwhile.
-        let mut repeats = 0usize;
-        let mut items = Vec::with_capacity(batch.events.len());
-        for event in &batch.events {
-            let external_ref = event.id.as_ref().map(|id| format!("sql:{}:{id}", cx.name));
-            if checking {
-                if let Some(external_ref) = &external_ref {
-                    if cx.queue.find_by_external_ref(external_ref).await?.is_some() {
-                        repeats += 1;
-                        continue;
-                    }
-                }
-            }
-            items.push(item(&cx, event, external_ref, &sinks)?);
-        }
-        let mut queued_events = items.len();
-        if let Some(encoded) = batch.encoded.take() {
-            queued_events += encoded.count;
-            tracker.observe_encoded(&encoded);
-            items.push(chunk_item(&cx, encoded, &sinks));
-        }
-        // One transaction for the batch's items and the position after them: after a
-        // crash the source resumes exactly after what the queue holds, nothing lost and
-        // nothing queued twice.
-        let state = SourceState {
-            name: state_name.clone(),
-            value: batch.position.0.clone(),
-        };
-        let appending = cx.queue.enqueue_with_state(items, Some(state)).await?;
-        in_flight.push_back(InFlight {
-            appending,
-            position: batch.position,
-            events: batch.events,
-            queued_events,
-        });
-        checking = repeats > 0;
-        if repeats > 0 {
-            tracing::info!(repeats, "skipped events already queued before a restart");
-        }
-        // A source that reads ahead (a snapshot) keeps a few batches on their way to the
-        // queue, which commits them together; any other waits for each.
-        let keep = if source.reads_ahead() {
-            IN_FLIGHT - 1
-        } else {
-            0
-        };
-        while in_flight.len() > keep {
-            let Some(done) = in_flight.pop_front() else {
-                break;
-            };
-            done.appending.committed().await?;
-            cx.health.count_items(&cx.name, done.queued_events as u64);
-            if done.queued_events > 0 {
-                tracing::debug!(events = done.queued_events, "batch queued");
-            }
-            source
-                .committed(&done.position)
-                .await
-                .map_err(unavailable)?;
-            tracker.observe(&done.events);
-        }
-        if legacy_file && in_flight.is_empty() {
-            // The queue holds the position now; an old file would only mislead.
-            let _ = std::fs::remove_file(&legacy_path);
-            legacy_file = false;
-        }
-        if tracker.probe_due() {
-            match source.progress().await {
-                Ok(progress) => tracker.update(progress),
-                Err(err) => {
-                    tracker.probe_failed();
-                    tracing::debug!(error = %err, "could not read the source's lag");
-                }
-            }
-            let line = tracker.line();
-            if tracker.snapshotting() {
-                tracing::info!(progress = %line, "snapshot running");
-            }
-            cx.health.set_detail(&cx.name, Some(line));
-        }
+    let mut pipeline = Pipeline {
+        state_name,
+        // Each batch names the state it follows; the queue refuses it (and every batch
+        // after it) if that is not the stored one, so a failed batch is never passed over.
+        expected: queued_state,
+        in_flight: VecDeque::with_capacity(IN_FLIGHT),
+        legacy_path: legacy_file.then_some(legacy_path),
+    };
+    let result = pipeline.run(&cx, &mut *source, &sinks).await;
+    // Let what was handed over settle, so a restart reads the state it left.
+    while let Some(done) = pipeline.in_flight.pop_front() {
+        let _ = done.appending.committed().await;
     }
     cx.health.set_state(&cx.name, ConnectorState::Stopped);
-    Ok(())
+    result
+}
+
+/// A source's way to the queue: the batches in flight and the state they follow.
+struct Pipeline {
+    state_name: String,
+    expected: Option<String>,
+    in_flight: VecDeque<InFlight>,
+    /// An older version's position file, removed once the queue holds the position.
+    legacy_path: Option<PathBuf>,
+}
+
+impl Pipeline {
+    async fn run(
+        &mut self,
+        cx: &SourceContext,
+        source: &mut dyn outpost_sql::ChangeSource,
+        sinks: &[outpost_core::ConnectorName],
+    ) -> Result<(), ConnectorError> {
+        // Until a batch holds nothing the queue already has, look each event up first.
+        let mut checking = true;
+        let mut tracker = super::progress::Tracker::default();
+        loop {
+            let mut batch = tokio::select! {
+                _ = cx.shutdown.cancelled() => break,
+                batch = source.next_batch() => batch.map_err(unavailable)?,
+            };
+            // From here the batch is brought to a safe point even if shutdown comes meanwhile.
+            let mut repeats = 0usize;
+            let mut items = Vec::with_capacity(batch.events.len());
+            for event in &batch.events {
+                let external_ref = event.id.as_ref().map(|id| format!("sql:{}:{id}", cx.name));
+                if checking {
+                    if let Some(external_ref) = &external_ref {
+                        if cx.queue.find_by_external_ref(external_ref).await?.is_some() {
+                            repeats += 1;
+                            continue;
+                        }
+                    }
+                }
+                items.push(item(cx, event, external_ref, sinks)?);
+            }
+            let mut queued_events = items.len();
+            if let Some(encoded) = batch.encoded.take() {
+                queued_events += encoded.count;
+                tracker.observe_encoded(&encoded);
+                items.push(chunk_item(cx, encoded, sinks));
+            }
+            // One transaction for the batch's items and the position after them: after a
+            // crash the source resumes exactly after what the queue holds, nothing lost and
+            // nothing queued twice.
+            let state = SourceState {
+                name: self.state_name.clone(),
+                expected: self.expected.replace(batch.position.0.clone()),
+                value: batch.position.0.clone(),
+            };
+            let appending = cx.queue.enqueue_with_state(items, Some(state)).await?;
+            self.in_flight.push_back(InFlight {
+                appending,
+                position: batch.position,
+                events: batch.events,
+                queued_events,
+            });
+            checking = repeats > 0;
+            if repeats > 0 {
+                tracing::info!(repeats, "skipped events already queued before a restart");
+            }
+            // A source that reads ahead (a snapshot) keeps a few batches on their way to the
+            // queue, which commits them together; any other waits for each.
+            let keep = if source.reads_ahead() {
+                IN_FLIGHT - 1
+            } else {
+                0
+            };
+            while self.in_flight.len() > keep {
+                let Some(done) = self.in_flight.pop_front() else {
+                    break;
+                };
+                done.appending.committed().await?;
+                cx.health.count_items(&cx.name, done.queued_events as u64);
+                if done.queued_events > 0 {
+                    tracing::debug!(events = done.queued_events, "batch queued");
+                }
+                source
+                    .committed(&done.position)
+                    .await
+                    .map_err(unavailable)?;
+                tracker.observe(&done.events);
+            }
+            if self.in_flight.is_empty() {
+                if let Some(path) = self.legacy_path.take() {
+                    // The queue holds the position now; an old file would only mislead.
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            if tracker.probe_due() {
+                match source.progress().await {
+                    Ok(progress) => tracker.update(progress),
+                    Err(err) => {
+                        tracker.probe_failed();
+                        tracing::debug!(error = %err, "could not read the source's lag");
+                    }
+                }
+                let line = tracker.line();
+                if tracker.snapshotting() {
+                    tracing::info!(progress = %line, "snapshot running");
+                }
+                cx.health.set_detail(&cx.name, Some(line));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Batches a source that reads ahead may have on their way to the queue at once.
