@@ -4,10 +4,14 @@
 //! record (which is itself sealed under the queue key).
 //!
 //! Each blob has its own random key. Its content is cut into chunks of [`CHUNK_BYTES`],
-//! each sealed with XChaCha20-Poly1305 under a nonce made of a random per-blob prefix, the
-//! chunk's index and a flag on the last chunk (the STREAM construction), so chunks cannot
-//! be reordered, dropped or the file cut short without the reader noticing. Memory stays
-//! at one chunk whatever the blob's size.
+//! each sealed under a nonce made of the chunk's index and a flag on the last chunk (the
+//! STREAM construction), so chunks cannot be reordered, dropped or the file cut short
+//! without the reader noticing. Memory stays at one chunk whatever the blob's size.
+//!
+//! Blobs are written with AES-256-GCM (ring's, which uses the CPU's AES instructions: about
+//! six times XChaCha20-Poly1305's rate here, and sealing was a fifth of intake's CPU). The
+//! key is random per blob, so index-and-flag nonces never repeat under one key. Blobs of
+//! the first format (`OPBLOB1`, XChaCha20-Poly1305 with a random nonce prefix) still read.
 //!
 //! A blob is written under `blobs/tmp/`, renamed into `blobs/` once complete, and then the
 //! file and the folder are synced. A blob is durable only once that sync has returned, and
@@ -16,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use std::io::Write;
@@ -25,7 +29,10 @@ use tokio::io::AsyncReadExt;
 
 /// Plaintext bytes per sealed chunk.
 pub const CHUNK_BYTES: usize = 256 * 1024;
-const MAGIC: &[u8; 8] = b"OPBLOB1\0";
+/// XChaCha20-Poly1305; the header holds the nonce prefix.
+const MAGIC_V1: &[u8; 8] = b"OPBLOB1\0";
+/// AES-256-GCM; the header is the magic alone.
+const MAGIC_V2: &[u8; 8] = b"OPBLOB2\0";
 const PREFIX_BYTES: usize = 19;
 const TAG_BYTES: usize = 16;
 
@@ -125,18 +132,15 @@ impl BlobStore {
         let tmp = self.dir.join("tmp").join(&name);
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
-        let mut prefix = [0u8; PREFIX_BYTES];
-        rand::rngs::OsRng.fill_bytes(&mut prefix);
+        let cipher =
+            ChunkCipher::aes(&key).map_err(|()| damaged(&tmp, "AES-256-GCM unavailable"))?;
         let open_path = tmp.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let mut header = [0u8; MAGIC.len() + PREFIX_BYTES];
-            header[..MAGIC.len()].copy_from_slice(MAGIC);
-            header[MAGIC.len()..].copy_from_slice(&prefix);
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&open_path)
-                .and_then(|mut file| file.write_all(&header).map(|()| file))
+                .and_then(|mut file| file.write_all(MAGIC_V2).map(|()| file))
                 .map_err(|source| BlobError::Io {
                     path: open_path,
                     source,
@@ -148,11 +152,7 @@ impl BlobStore {
             dir: self.dir.clone(),
             name,
             tmp,
-            sealer: Some(Sealer {
-                file,
-                cipher: XChaCha20Poly1305::new(&key.into()),
-                prefix,
-            }),
+            sealer: Some(Sealer { file, cipher }),
             sealing: None,
             key,
             chunk: self.buffers.take(),
@@ -183,20 +183,29 @@ impl BlobStore {
                 path: path.clone(),
                 source,
             })?;
-        let mut header = [0u8; 8 + PREFIX_BYTES];
-        file.read_exact(&mut header)
+        let mut magic = [0u8; 8];
+        file.read_exact(&mut magic)
             .await
             .map_err(|_| damaged(&path, "shorter than a blob header"))?;
-        if &header[..8] != MAGIC {
-            return Err(damaged(&path, "not an Outpost blob"));
-        }
-        let mut prefix = [0u8; PREFIX_BYTES];
-        prefix.copy_from_slice(&header[8..]);
+        let cipher = match &magic {
+            MAGIC_V2 => ChunkCipher::aes(&blob.key)
+                .map_err(|()| damaged(&path, "AES-256-GCM unavailable"))?,
+            MAGIC_V1 => {
+                let mut prefix = [0u8; PREFIX_BYTES];
+                file.read_exact(&mut prefix)
+                    .await
+                    .map_err(|_| damaged(&path, "shorter than a blob header"))?;
+                ChunkCipher::XChaCha {
+                    cipher: Box::new(XChaCha20Poly1305::new(&blob.key.into())),
+                    prefix,
+                }
+            }
+            _ => return Err(damaged(&path, "not an Outpost blob")),
+        };
         Ok(BlobReader {
             path,
             file: tokio::io::BufReader::with_capacity(CHUNK_BYTES + 64, file),
-            cipher: XChaCha20Poly1305::new(&blob.key.into()),
-            prefix,
+            cipher,
             index: 0,
             finished: false,
         })
@@ -271,8 +280,73 @@ pub struct BlobWriter {
 /// What a sealing job owns.
 struct Sealer {
     file: std::fs::File,
-    cipher: XChaCha20Poly1305,
-    prefix: [u8; PREFIX_BYTES],
+    cipher: ChunkCipher,
+}
+
+/// A blob's chunk cipher, by format.
+enum ChunkCipher {
+    /// `OPBLOB1`: XChaCha20-Poly1305, nonce = random prefix, index, last flag.
+    XChaCha {
+        cipher: Box<XChaCha20Poly1305>,
+        prefix: [u8; PREFIX_BYTES],
+    },
+    /// `OPBLOB2`: AES-256-GCM, nonce = index, last flag, zeros (the key is the blob's own).
+    Aes(ring::aead::LessSafeKey),
+}
+
+impl ChunkCipher {
+    fn aes(key: &[u8; 32]) -> Result<ChunkCipher, ()> {
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key).map_err(|_| ())?;
+        Ok(ChunkCipher::Aes(ring::aead::LessSafeKey::new(key)))
+    }
+
+    /// Seals `plain` in place; returns the tag.
+    fn seal(&self, index: u32, last: bool, plain: &mut [u8]) -> Result<[u8; TAG_BYTES], ()> {
+        let mut tag = [0u8; TAG_BYTES];
+        match self {
+            ChunkCipher::XChaCha { cipher, prefix } => {
+                let sealed = cipher
+                    .encrypt_in_place_detached(&xnonce(prefix, index, last), b"", plain)
+                    .map_err(|_| ())?;
+                tag.copy_from_slice(sealed.as_slice());
+            }
+            ChunkCipher::Aes(key) => {
+                let sealed = key
+                    .seal_in_place_separate_tag(
+                        aes_nonce(index, last),
+                        ring::aead::Aad::empty(),
+                        plain,
+                    )
+                    .map_err(|_| ())?;
+                tag.copy_from_slice(sealed.as_ref());
+            }
+        }
+        Ok(tag)
+    }
+
+    /// Opens `sealed` (ciphertext, then tag) in place, leaving the plaintext.
+    fn open(&self, index: u32, last: bool, sealed: &mut Vec<u8>) -> Result<(), ()> {
+        let text_len = sealed.len().checked_sub(TAG_BYTES).ok_or(())?;
+        match self {
+            ChunkCipher::XChaCha { cipher, prefix } => {
+                let (text, tag) = sealed.split_at_mut(text_len);
+                cipher
+                    .decrypt_in_place_detached(
+                        &xnonce(prefix, index, last),
+                        b"",
+                        text,
+                        chacha20poly1305::Tag::from_slice(tag),
+                    )
+                    .map_err(|_| ())?;
+            }
+            ChunkCipher::Aes(key) => {
+                key.open_in_place(aes_nonce(index, last), ring::aead::Aad::empty(), sealed)
+                    .map_err(|_| ())?;
+            }
+        }
+        sealed.truncate(text_len);
+        Ok(())
+    }
 }
 
 /// A sealing job's result: the sealer and its chunk buffer back, or what failed.
@@ -431,14 +505,13 @@ fn seal_and_write(
     tmp: &Path,
     rename_to: Option<PathBuf>,
 ) -> SealOutcome {
-    let nonce = nonce(&sealer.prefix, index, last);
     let tag = sealer
         .cipher
-        .encrypt_in_place_detached(&nonce, b"", &mut chunk[CHUNK_HEADER..])
-        .map_err(|_| damaged(tmp, "sealing failed"))?;
+        .seal(index, last, &mut chunk[CHUNK_HEADER..])
+        .map_err(|()| damaged(tmp, "sealing failed"))?;
     let sealed_len = (chunk.len() - CHUNK_HEADER + TAG_BYTES) as u32;
     chunk[..CHUNK_HEADER].copy_from_slice(&sealed_len.to_be_bytes());
-    chunk.extend_from_slice(tag.as_slice());
+    chunk.extend_from_slice(&tag);
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| BlobError::Io { path, source }
@@ -469,8 +542,7 @@ fn joined<T>(
 pub struct BlobReader {
     path: PathBuf,
     file: tokio::io::BufReader<tokio::fs::File>,
-    cipher: XChaCha20Poly1305,
-    prefix: [u8; PREFIX_BYTES],
+    cipher: ChunkCipher,
     index: u32,
     finished: bool,
 }
@@ -497,28 +569,22 @@ impl BlobReader {
             .await
             .map_err(|_| damaged(&self.path, "cut short inside a chunk"))?;
         let index = self.index;
-        // A chunk either opens as a middle chunk or as the last one; anything else was
-        // changed, moved or comes from another blob.
-        let plain = match self
-            .cipher
-            .decrypt(&nonce(&self.prefix, index, false), sealed.as_slice())
-        {
-            Ok(plain) => plain,
-            Err(_) => {
-                let plain = self
-                    .cipher
-                    .decrypt(&nonce(&self.prefix, index, true), sealed.as_slice())
-                    .map_err(|_| {
-                        damaged(&self.path, "a chunk does not open: changed or out of order")
-                    })?;
-                self.finished = true;
-                let mut rest = [0u8; 1];
-                if self.file.read(&mut rest).await.unwrap_or(0) != 0 {
-                    return Err(damaged(&self.path, "bytes after the last chunk"));
-                }
-                plain
+        // Only the last chunk is ever short (a blob whose length is a multiple of the
+        // chunk size ends with an empty one), so the length says which it claims to be; a
+        // chunk opens only as what it was sealed as, so a claim that is not true (a chunk
+        // changed, moved, from another blob, or a file cut short) fails here.
+        let last = len < CHUNK_BYTES + TAG_BYTES;
+        self.cipher
+            .open(index, last, &mut sealed)
+            .map_err(|()| damaged(&self.path, "a chunk does not open: changed or out of order"))?;
+        if last {
+            self.finished = true;
+            let mut rest = [0u8; 1];
+            if self.file.read(&mut rest).await.unwrap_or(0) != 0 {
+                return Err(damaged(&self.path, "bytes after the last chunk"));
             }
-        };
+        }
+        let plain = sealed;
         self.index = index.wrapping_add(1);
         Ok(Some(plain))
     }
@@ -548,7 +614,14 @@ fn futures_lite_unfold(
     }))
 }
 
-fn nonce(prefix: &[u8; PREFIX_BYTES], index: u32, last: bool) -> XNonce {
+fn aes_nonce(index: u32, last: bool) -> ring::aead::Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[..4].copy_from_slice(&index.to_be_bytes());
+    nonce[4] = u8::from(last);
+    ring::aead::Nonce::assume_unique_for_key(nonce)
+}
+
+fn xnonce(prefix: &[u8; PREFIX_BYTES], index: u32, last: bool) -> XNonce {
     let mut nonce = [0u8; 24];
     nonce[..PREFIX_BYTES].copy_from_slice(prefix);
     nonce[PREFIX_BYTES..PREFIX_BYTES + 4].copy_from_slice(&index.to_be_bytes());
@@ -641,7 +714,7 @@ mod tests {
         let original = std::fs::read(&path).unwrap();
 
         // Cut at a chunk boundary: the last chunk is missing.
-        let boundary = 8 + PREFIX_BYTES + 2 * (4 + CHUNK_BYTES + TAG_BYTES);
+        let boundary = MAGIC_V2.len() + 2 * (4 + CHUNK_BYTES + TAG_BYTES);
         std::fs::write(&path, &original[..boundary]).unwrap();
         assert!(read_all(&store, &blob).await.is_err());
         // One byte changed.
@@ -661,6 +734,58 @@ mod tests {
             store.path("../x.blob"),
             Err(BlobError::BadName(_))
         ));
+    }
+
+    /// A blob as the first format wrote it: XChaCha20-Poly1305 with a nonce prefix.
+    fn write_first_format(store: &BlobStore, name: &str, key: [u8; 32], data: &[u8]) {
+        let prefix = [5u8; PREFIX_BYTES];
+        let cipher = ChunkCipher::XChaCha {
+            cipher: Box::new(XChaCha20Poly1305::new(&key.into())),
+            prefix,
+        };
+        let mut file = MAGIC_V1.to_vec();
+        file.extend_from_slice(&prefix);
+        let chunks: Vec<&[u8]> = data.chunks(CHUNK_BYTES).collect();
+        let mut pieces: Vec<(&[u8], bool)> = chunks.iter().map(|c| (*c, false)).collect();
+        // The writer always ends with a short (possibly empty) last chunk.
+        if data.len() % CHUNK_BYTES == 0 {
+            pieces.push((&[], true));
+        } else if let Some(last) = pieces.last_mut() {
+            last.1 = true;
+        }
+        for (index, (piece, last)) in pieces.into_iter().enumerate() {
+            let mut text = piece.to_vec();
+            let tag = cipher.seal(index as u32, last, &mut text).unwrap();
+            file.extend_from_slice(&((text.len() + TAG_BYTES) as u32).to_be_bytes());
+            file.extend_from_slice(&text);
+            file.extend_from_slice(&tag);
+        }
+        std::fs::write(store.path(name).unwrap(), file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn blobs_of_the_first_format_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        for (n, size) in [0, 10, CHUNK_BYTES, 2 * CHUNK_BYTES + 3]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+            let name = format!("{n:032x}.blob");
+            write_first_format(&store, &name, [3; 32], &data);
+            let blob = BlobRef {
+                name,
+                key: [3; 32],
+                len: size as u64,
+            };
+            assert_eq!(read_all(&store, &blob).await.unwrap(), data, "size {size}");
+            let wrong = BlobRef {
+                key: [4; 32],
+                ..blob
+            };
+            assert!(read_all(&store, &wrong).await.is_err());
+        }
     }
 
     #[tokio::test]
