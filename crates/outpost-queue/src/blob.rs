@@ -196,7 +196,7 @@ impl BlobStore {
                     .await
                     .map_err(|_| damaged(&path, "shorter than a blob header"))?;
                 ChunkCipher::XChaCha {
-                    cipher: Box::new(XChaCha20Poly1305::new(&blob.key.into())),
+                    cipher: XChaCha20Poly1305::new(&blob.key.into()),
                     prefix,
                 }
             }
@@ -287,17 +287,19 @@ struct Sealer {
 enum ChunkCipher {
     /// `OPBLOB1`: XChaCha20-Poly1305, nonce = random prefix, index, last flag.
     XChaCha {
-        cipher: Box<XChaCha20Poly1305>,
+        cipher: XChaCha20Poly1305,
         prefix: [u8; PREFIX_BYTES],
     },
     /// `OPBLOB2`: AES-256-GCM, nonce = index, last flag, zeros (the key is the blob's own).
-    Aes(ring::aead::LessSafeKey),
+    Aes(Box<ring::aead::LessSafeKey>),
 }
 
 impl ChunkCipher {
     fn aes(key: &[u8; 32]) -> Result<ChunkCipher, ()> {
         let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key).map_err(|_| ())?;
-        Ok(ChunkCipher::Aes(ring::aead::LessSafeKey::new(key)))
+        Ok(ChunkCipher::Aes(Box::new(ring::aead::LessSafeKey::new(
+            key,
+        ))))
     }
 
     /// Seals `plain` in place; returns the tag.
@@ -740,7 +742,7 @@ mod tests {
     fn write_first_format(store: &BlobStore, name: &str, key: [u8; 32], data: &[u8]) {
         let prefix = [5u8; PREFIX_BYTES];
         let cipher = ChunkCipher::XChaCha {
-            cipher: Box::new(XChaCha20Poly1305::new(&key.into())),
+            cipher: XChaCha20Poly1305::new(&key.into()),
             prefix,
         };
         let mut file = MAGIC_V1.to_vec();
@@ -748,7 +750,7 @@ mod tests {
         let chunks: Vec<&[u8]> = data.chunks(CHUNK_BYTES).collect();
         let mut pieces: Vec<(&[u8], bool)> = chunks.iter().map(|c| (*c, false)).collect();
         // The writer always ends with a short (possibly empty) last chunk.
-        if data.len() % CHUNK_BYTES == 0 {
+        if data.len().is_multiple_of(CHUNK_BYTES) {
             pieces.push((&[], true));
         } else if let Some(last) = pieces.last_mut() {
             last.1 = true;
