@@ -85,8 +85,14 @@ pub struct BlobStore {
 #[derive(Debug, Clone, Default)]
 struct ChunkBuffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
-/// Buffers kept at most (4 MiB): two per instance being received at once.
-const KEPT_BUFFERS: usize = 16;
+/// Buffers kept at most (8 MiB).
+const KEPT_BUFFERS: usize = 32;
+
+/// Full chunks gathered before they are handed to a sealing job (1 MiB). A blob up to
+/// this size (a CT or MR slice) is sealed and written in one job when it is finished;
+/// a larger one streams, one job per this many chunks while the next ones arrive, so a
+/// blob in progress holds at most twice this plus one chunk in memory.
+const HOLD_CHUNKS: usize = 4;
 
 impl ChunkBuffers {
     fn take(&self) -> Vec<u8> {
@@ -134,30 +140,18 @@ impl BlobStore {
         rand::rngs::OsRng.fill_bytes(&mut key);
         let cipher =
             ChunkCipher::aes(&key).map_err(|()| damaged(&tmp, "AES-256-GCM unavailable"))?;
-        let open_path = tmp.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&open_path)
-                .and_then(|mut file| file.write_all(MAGIC_V2).map(|()| file))
-                .map_err(|source| BlobError::Io {
-                    path: open_path,
-                    source,
-                })
-        })
-        .await;
-        let file = joined(opened, &tmp)?;
+        // The file is made by the first sealing job: a small blob then costs one trip to a
+        // blocking thread in all (create, seal, write, rename, sync), not one per step.
         Ok(BlobWriter {
             dir: self.dir.clone(),
             name,
             tmp,
-            sealer: Some(Sealer { file, cipher }),
+            sealer: Some(Sealer { file: None, cipher }),
             sealing: None,
             key,
+            held: Vec::with_capacity(HOLD_CHUNKS),
             chunk: self.buffers.take(),
             buffers: self.buffers.clone(),
-            spare: None,
             index: 0,
             len: 0,
         })
@@ -258,30 +252,40 @@ impl BlobStore {
 
 /// A blob being written.
 ///
-/// Each full chunk is sealed and written on a blocking thread while the caller gathers the
-/// next one, so encryption and disk writes overlap with receiving (two chunk buffers per
-/// blob at most).
+/// Full chunks are held until [`HOLD_CHUNKS`] of them are gathered, then sealed and written
+/// on a blocking thread while the next ones arrive, so encryption and disk writes overlap
+/// with receiving; a blob that never gathers that many is written whole by `finish`.
 pub struct BlobWriter {
     dir: PathBuf,
     name: String,
     tmp: PathBuf,
-    /// The file and cipher; `None` while a sealing job holds them, or after a failure.
+    /// The file (once made) and cipher; `None` while a sealing job holds them, or after a
+    /// failure.
     sealer: Option<Sealer>,
     sealing: Option<tokio::task::JoinHandle<SealOutcome>>,
     key: [u8; 32],
+    /// Full chunks (each `CHUNK_HEADER` placeholder bytes, then plaintext) not yet sealed.
+    held: Vec<Vec<u8>>,
     /// `CHUNK_HEADER` placeholder bytes, then the plaintext gathered so far.
     chunk: Vec<u8>,
-    spare: Option<Vec<u8>>,
     buffers: ChunkBuffers,
+    /// The index of the first held chunk.
     index: u32,
     len: u64,
 }
 
 /// What a sealing job owns.
 struct Sealer {
-    file: std::fs::File,
+    /// `None` until the first job makes it.
+    file: Option<std::fs::File>,
     cipher: ChunkCipher,
 }
+
+/// A sealing job's result: the sealer and its chunk buffers back, or what failed.
+type SealOutcome = Result<(Sealer, Vec<Vec<u8>>), BlobError>;
+
+/// Bytes in front of each sealed chunk: its length.
+const CHUNK_HEADER: usize = 4;
 
 /// A blob's chunk cipher, by format.
 enum ChunkCipher {
@@ -351,12 +355,6 @@ impl ChunkCipher {
     }
 }
 
-/// A sealing job's result: the sealer and its chunk buffer back, or what failed.
-type SealOutcome = Result<(Sealer, Vec<u8>), BlobError>;
-
-/// Bytes in front of each sealed chunk: its length.
-const CHUNK_HEADER: usize = 4;
-
 impl BlobWriter {
     /// The file name the blob will have under `blobs/` once finished.
     pub fn name(&self) -> &str {
@@ -377,7 +375,11 @@ impl BlobWriter {
             self.len += take as u64;
             bytes = &bytes[take..];
             if self.chunk.len() == CHUNK_HEADER + CHUNK_BYTES {
-                self.seal_chunk(false, None).await?;
+                let full = std::mem::replace(&mut self.chunk, self.buffers.take());
+                self.held.push(full);
+                if self.held.len() == HOLD_CHUNKS {
+                    self.seal_held().await?;
+                }
             }
         }
         Ok(())
@@ -412,34 +414,61 @@ impl BlobWriter {
         alongside: impl std::future::Future<Output = T>,
     ) -> (Result<BlobRef, BlobError>, Option<T>) {
         let path = self.dir.join(&self.name);
-        if let Err(err) = self.seal_chunk(true, Some(path.clone())).await {
-            self.abort().await;
-            return (Err(err), None);
-        }
         let sealer = match self.settle().await {
             Ok(sealer) => sealer,
             Err(err) => {
-                // The rename may or may not have happened: remove whichever name is left.
-                let _ = tokio::fs::remove_file(&path).await;
                 self.abort().await;
                 return (Err(err), None);
             }
         };
-        self.return_buffers();
-        let dir = self.dir.clone();
-        let synced_path = path.clone();
-        let sync = tokio::task::spawn_blocking(move || {
-            sealer.file.sync_data().map_err(|source| BlobError::Io {
-                path: synced_path,
+        let last = std::mem::take(&mut self.chunk);
+        let mut chunks = std::mem::take(&mut self.held);
+        chunks.push(last);
+        let index = self.index;
+        let (tmp, target) = (self.tmp.clone(), path.clone());
+        let (renamed_tx, renamed) = tokio::sync::oneshot::channel();
+        // One job seals and writes what is left, renames the blob into place, and syncs
+        // it; once it is in place `alongside` runs while the sync goes on.
+        let job = tokio::task::spawn_blocking(move || {
+            let (sealer, buffers) = seal_and_write(sealer, chunks, index, true, &tmp)?;
+            let file = sealer
+                .file
+                .ok_or_else(|| damaged(&tmp, "the sealing job made no file"))?;
+            std::fs::rename(&tmp, &target).map_err(|source| BlobError::Io {
+                path: target.clone(),
                 source,
             })?;
-            sync_dir(&dir).map_err(|source| BlobError::Io { path: dir, source })
+            let _ = renamed_tx.send(());
+            file.sync_data().map_err(|source| BlobError::Io {
+                path: target.clone(),
+                source,
+            })?;
+            let dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
+            sync_dir(&dir).map_err(|source| BlobError::Io { path: dir, source })?;
+            Ok(buffers)
         });
-        let (synced, output) = tokio::join!(sync, alongside);
-        let blob = joined(synced, &path).map(|()| BlobRef {
-            name: self.name,
-            key: self.key,
-            len: self.len,
+        if renamed.await.is_err() {
+            let failed = joined(job.await, &path).err().unwrap_or_else(|| {
+                damaged(
+                    &path,
+                    "the sealing job ended without moving the blob into place",
+                )
+            });
+            // The rename may or may not have happened: remove whichever name is left.
+            let _ = tokio::fs::remove_file(&path).await;
+            let _ = tokio::fs::remove_file(&self.tmp).await;
+            return (Err(failed), None);
+        }
+        let (done, output) = tokio::join!(job, alongside);
+        let blob = joined(done, &path).map(|buffers| {
+            for buffer in buffers {
+                self.buffers.give_back(buffer);
+            }
+            BlobRef {
+                name: self.name,
+                key: self.key,
+                len: self.len,
+            }
         });
         (blob, Some(output))
     }
@@ -447,23 +476,21 @@ impl BlobWriter {
     /// Throws the blob away.
     pub async fn abort(mut self) {
         let _ = self.settle().await;
-        self.return_buffers();
+        self.buffers.give_back(std::mem::take(&mut self.chunk));
+        for buffer in std::mem::take(&mut self.held) {
+            self.buffers.give_back(buffer);
+        }
         self.sealer = None;
         let _ = tokio::fs::remove_file(&self.tmp).await;
-    }
-
-    fn return_buffers(&mut self) {
-        self.buffers.give_back(std::mem::take(&mut self.chunk));
-        if let Some(spare) = self.spare.take() {
-            self.buffers.give_back(spare);
-        }
     }
 
     /// Waits for the sealing job in flight, if any, and takes back the sealer.
     async fn settle(&mut self) -> Result<Sealer, BlobError> {
         if let Some(job) = self.sealing.take() {
-            let (sealer, buffer) = joined(job.await, &self.tmp)?;
-            self.spare = Some(buffer);
+            let (sealer, buffers) = joined(job.await, &self.tmp)?;
+            for buffer in buffers {
+                self.buffers.give_back(buffer);
+            }
             return Ok(sealer);
         }
         self.sealer
@@ -471,59 +498,66 @@ impl BlobWriter {
             .ok_or_else(|| damaged(&self.tmp, "an earlier write to this blob failed"))
     }
 
-    /// Hands the gathered chunk to a blocking job that seals and writes it (and, for the
-    /// last one, renames the file to `rename_to`). Waits only for the previous job.
-    async fn seal_chunk(
-        &mut self,
-        last: bool,
-        rename_to: Option<PathBuf>,
-    ) -> Result<(), BlobError> {
+    /// Hands the held chunks to a blocking job that seals and writes them. Waits only for
+    /// the previous job.
+    async fn seal_held(&mut self) -> Result<(), BlobError> {
         let sealer = self.settle().await?;
         let index = self.index;
-        self.index = self
-            .index
-            .checked_add(1)
+        self.index = u32::try_from(self.held.len())
+            .ok()
+            .and_then(|n| self.index.checked_add(n))
             .ok_or_else(|| damaged(&self.tmp, "blob too large"))?;
-        let next = match self.spare.take() {
-            Some(spare) => spare,
-            None => self.buffers.take(),
-        };
-        let chunk = std::mem::replace(&mut self.chunk, next);
+        let chunks = std::mem::replace(&mut self.held, Vec::with_capacity(HOLD_CHUNKS));
         let tmp = self.tmp.clone();
         self.sealing = Some(tokio::task::spawn_blocking(move || {
-            seal_and_write(sealer, chunk, index, last, &tmp, rename_to)
+            seal_and_write(sealer, chunks, index, false, &tmp)
         }));
         Ok(())
     }
 }
 
-/// Seals `chunk` (its header bytes, then plaintext) in place, writes it, and returns the
-/// sealer and the emptied buffer for reuse.
+/// Seals `chunks` (each its header bytes, then plaintext; the first has index `index`, and
+/// the final one is the blob's last when `ends_blob`) in place and writes them, making the
+/// file first if this is the blob's first job. Returns the sealer and the emptied buffers.
 fn seal_and_write(
     mut sealer: Sealer,
-    mut chunk: Vec<u8>,
+    mut chunks: Vec<Vec<u8>>,
     index: u32,
-    last: bool,
+    ends_blob: bool,
     tmp: &Path,
-    rename_to: Option<PathBuf>,
 ) -> SealOutcome {
-    let tag = sealer
-        .cipher
-        .seal(index, last, &mut chunk[CHUNK_HEADER..])
-        .map_err(|()| damaged(tmp, "sealing failed"))?;
-    let sealed_len = (chunk.len() - CHUNK_HEADER + TAG_BYTES) as u32;
-    chunk[..CHUNK_HEADER].copy_from_slice(&sealed_len.to_be_bytes());
-    chunk.extend_from_slice(&tag);
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| BlobError::Io { path, source }
+    let io = |source| BlobError::Io {
+        path: tmp.to_owned(),
+        source,
     };
-    sealer.file.write_all(&chunk).map_err(io(tmp))?;
-    if let Some(path) = rename_to {
-        std::fs::rename(tmp, &path).map_err(io(&path))?;
+    let mut file = match sealer.file.take() {
+        Some(file) => file,
+        None => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(tmp)
+                .map_err(io)?;
+            file.write_all(MAGIC_V2).map_err(io)?;
+            file
+        }
+    };
+    let count = chunks.len();
+    for (offset, chunk) in chunks.iter_mut().enumerate() {
+        let last = ends_blob && offset + 1 == count;
+        let chunk_index = index.wrapping_add(offset as u32);
+        let tag = sealer
+            .cipher
+            .seal(chunk_index, last, &mut chunk[CHUNK_HEADER..])
+            .map_err(|()| damaged(tmp, "sealing failed"))?;
+        let sealed_len = (chunk.len() - CHUNK_HEADER + TAG_BYTES) as u32;
+        chunk[..CHUNK_HEADER].copy_from_slice(&sealed_len.to_be_bytes());
+        chunk.extend_from_slice(&tag);
+        file.write_all(chunk).map_err(io)?;
+        chunk.truncate(CHUNK_HEADER);
     }
-    chunk.truncate(CHUNK_HEADER);
-    Ok((sealer, chunk))
+    sealer.file = Some(file);
+    Ok((sealer, chunks))
 }
 
 /// The result of a blocking job, with a panicked or cancelled job as an I/O error.
@@ -683,6 +717,9 @@ mod tests {
             CHUNK_BYTES,
             CHUNK_BYTES + 1,
             3 * CHUNK_BYTES + 17,
+            HOLD_CHUNKS * CHUNK_BYTES,
+            // Streams: several sealing jobs, each while the next chunks arrive.
+            3 * HOLD_CHUNKS * CHUNK_BYTES + 5,
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             let blob = write_blob(&store, &data, 7_001).await;
