@@ -52,12 +52,19 @@ pub async fn run(
 
     // Intake alone, as storescp does nothing else: the agent's sink points at a closed
     // port, so it only backs off while the instances come in.
+    // Each round starts with nothing waiting to be written back: otherwise a round pays
+    // for the gigabyte the round before left in the page cache (the agent's syncs wait
+    // behind it; storescp never syncs).
     eprintln!("one association: storescp, then the agent…");
+    write_back_page_cache();
     let peer_one = storescp_run(work.path(), &bindlo, false, std::slice::from_ref(&files)).await?;
+    write_back_page_cache();
     let agent_one = agent_run(work.path(), "intake-1", None, std::slice::from_ref(&files)).await?;
     let (peer_many, agent_many) = if associations > 1 {
         eprintln!("{associations} associations at once: storescp --fork, then the agent…");
+        write_back_page_cache();
         let peer = storescp_run(work.path(), &bindlo, true, &shares).await?;
+        write_back_page_cache();
         let agent = agent_run(work.path(), "intake-n", None, &shares).await?;
         (Some(peer), Some(agent))
     } else {
@@ -152,6 +159,18 @@ fn split_into_shares(files: &Path, shares: &Path, count: usize) -> anyhow::Resul
 
 /// storescp writing plain files (`--fork`: a process per association); returns the wall
 /// time for storescu to send every folder, one association per folder, all at once.
+/// Writes every dirty page back to disk (`sync`), so timed rounds start alike.
+#[cfg(unix)]
+fn write_back_page_cache() {
+    if let Err(err) = Command::new("sync").status() {
+        eprintln!("sync: {err} (rounds may pay for each other's write-back)");
+    }
+}
+
+/// Windows has no `sync`; its cache manager writes back on its own schedule.
+#[cfg(not(unix))]
+fn write_back_page_cache() {}
+
 async fn storescp_run(
     dir: &Path,
     bindlo: &Path,
