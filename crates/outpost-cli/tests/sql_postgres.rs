@@ -273,7 +273,10 @@ fn sql_reset_makes_a_running_source_take_a_new_snapshot() {
     let unknown = agent.run_cli(&["sql", "reset", "billing", "--config", &config]);
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(!unknown.status.success());
-    assert!(stderr.contains("no SQL source or sink named \"billing\""), "{stderr}");
+    assert!(
+        stderr.contains("no SQL source or sink named \"billing\""),
+        "{stderr}"
+    );
 
     let reset = agent.run_cli(&["sql", "reset", "pms", "--config", &config]);
     let stdout = String::from_utf8_lossy(&reset.stdout);

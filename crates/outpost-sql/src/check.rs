@@ -347,6 +347,23 @@ async fn check_pg_read(
             ),
         );
     }
+    let nullable = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::oid AND attnum > 0 \
+             AND NOT attisdropped AND NOT attnotnull AND attname::text = ANY($2::text[]) \
+             ORDER BY attnum",
+            &[&oid, &table.key],
+        )
+        .await
+        .map_err(|err| SqlError::pg("read the key columns' definitions", err))?;
+    for row in nullable {
+        let column: String = row.get(0);
+        let fix = format!(
+            "ALTER TABLE {qualified} ALTER COLUMN {} SET NOT NULL;",
+            quote(&column)
+        );
+        push_nullable_key(report, &quote(&column), &qualified, Some(&fix));
+    }
     let writes = needs.writes_to(schema, name);
     check_pg_write_excess(
         client,
@@ -358,6 +375,21 @@ async fn check_pg_read(
         report,
     )
     .await
+}
+
+/// Reports a configured key column that allows NULL: a NULL key identifies no row, and
+/// the snapshot, resumed after the last key read, would skip or repeat rows (the source
+/// refuses to start). `fix`: the statement that adds NOT NULL, where it is that simple.
+fn push_nullable_key(report: &mut CheckReport, column: &str, on: &str, fix: Option<&str>) {
+    report.push(
+        Severity::Missing,
+        format!(
+            "NOT NULL on key column {column} of {on}: it allows NULL, and a key must identify \
+             each row (choose NOT NULL columns, such as the primary key, in tables[].key, or add \
+             NOT NULL to the column{})",
+            fix.map(|fix| format!(": {fix}")).unwrap_or_default()
+        ),
+    );
 }
 
 /// How much of a table a privilege is wanted on.
@@ -1004,6 +1036,25 @@ pub async fn check_mysql(
             ),
         );
     }
+    // Key columns that allow NULL (names compared as MariaDB does, ignoring case).
+    for table in needs.source.iter().flat_map(|source| &source.tables) {
+        let (schema, name) = split_qualified(&table.name);
+        let schema = schema.unwrap_or(&database);
+        let nullable: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? \
+                 AND TABLE_NAME = ? AND IS_NULLABLE <> 'NO' ORDER BY ORDINAL_POSITION",
+                (schema, name),
+            )
+            .await
+            .map_err(my_err("read the key columns' definitions"))?;
+        let on = format!("{}.{}", quote_mysql(schema), quote_mysql(name));
+        for column in nullable {
+            if table.key.iter().any(|k| k.eq_ignore_ascii_case(&column)) {
+                push_nullable_key(&mut report, &quote_mysql(&column), &on, None);
+            }
+        }
+    }
     if let Err(err) = conn.disconnect().await {
         tracing::debug!(error = %err, "check connection ended");
     }
@@ -1345,11 +1396,19 @@ pub async fn check_firebird(
     triggers: bool,
 ) -> Result<CheckReport, SqlError> {
     let wants = fb_wants(needs, triggers);
+    let keys: Vec<(String, Vec<String>)> = needs
+        .source
+        .iter()
+        .flat_map(|source| &source.tables)
+        .map(|table| (table.name.clone(), table.key.clone()))
+        .collect();
     let parsed = crate::firebird::FbUrl::parse(url)?;
     let shown = redact_url(url);
-    tokio::task::spawn_blocking(move || check_firebird_blocking(&parsed, password, &shown, &wants))
-        .await
-        .map_err(|err| SqlError::Task(err.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        check_firebird_blocking(&parsed, password, &shown, &wants, &keys)
+    })
+    .await
+    .map_err(|err| SqlError::Task(err.to_string()))?
 }
 
 fn fb_text(column: Option<&rsfbclient_core::Column>) -> String {
@@ -1360,11 +1419,13 @@ fn fb_text(column: Option<&rsfbclient_core::Column>) -> String {
         .unwrap_or_default()
 }
 
+/// `keys`: each captured table (as configured) and its key columns.
 fn check_firebird_blocking(
     url: &crate::firebird::FbUrl,
     password: Option<String>,
     shown: &str,
     wants: &[FbWant],
+    keys: &[(String, Vec<String>)],
 ) -> Result<CheckReport, SqlError> {
     let mut conn = FbConn::connect(url, password.as_deref(), shown)?;
     let result = conn.in_tx(TxKind::SnapshotRead, |conn, tr| {
@@ -1395,10 +1456,37 @@ fn check_firebird_blocking(
             Vec::new(),
             "read the tables",
         )?;
-        Ok((user_rows, grant_rows, relation_rows))
+        // Key columns that allow NULL, as (relation, column) stored names; a table that is
+        // not there is reported as missing below.
+        let mut nullable_keys = Vec::new();
+        for (table, key) in keys {
+            let (_, table) = split_qualified(table);
+            let stored: Vec<String> = relation_rows
+                .iter()
+                .map(|row| fb_text(row.first()))
+                .collect();
+            let Some(relation) = stored
+                .iter()
+                .find(|r| *r == table)
+                .or_else(|| stored.iter().find(|r| crate::firebird::ddl::names(table, r)))
+            else {
+                continue;
+            };
+            let nullable = crate::firebird::ddl::nullable_columns(conn, tr, relation)?;
+            for wanted in key {
+                let column = nullable
+                    .iter()
+                    .find(|c| *c == wanted)
+                    .or_else(|| nullable.iter().find(|c| crate::firebird::ddl::names(wanted, c)));
+                if let Some(column) = column {
+                    nullable_keys.push((relation.clone(), column.clone()));
+                }
+            }
+        }
+        Ok((user_rows, grant_rows, relation_rows, nullable_keys))
     });
     conn.close();
-    let (user_rows, grant_rows, relation_rows) = result?;
+    let (user_rows, grant_rows, relation_rows, nullable_keys) = result?;
     let user = user_rows
         .first()
         .map(|row| fb_text(row.first()))
@@ -1419,7 +1507,13 @@ fn check_firebird_blocking(
         .iter()
         .map(|row| (fb_text(row.first()), fb_text(row.get(1))))
         .collect();
-    Ok(firebird_report(&user, &grants, &relations, wants))
+    let mut report = firebird_report(&user, &grants, &relations, wants);
+    for (relation, column) in nullable_keys {
+        let (column, on) = (fb_name(&column), fb_name(&relation));
+        let fix = format!("ALTER TABLE {on} ALTER COLUMN {column} SET NOT NULL;");
+        push_nullable_key(&mut report, &column, &on, Some(&fix));
+    }
+    Ok(report)
 }
 
 /// Compares what the account holds with what it needs.
@@ -1770,6 +1864,7 @@ mod tests {
             tables: vec![ReadTable {
                 name: "t".into(),
                 columns: Some(vec!["id".into()]),
+                key: vec!["id".into()],
             }],
             publication: String::new(),
             slot: String::new(),

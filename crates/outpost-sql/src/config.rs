@@ -73,7 +73,8 @@ impl std::fmt::Debug for SourceConfig {
 pub struct TableConfig {
     /// `table` or `schema.table`.
     pub name: String,
-    /// The columns that identify a row (normally the primary key).
+    /// The columns that identify a row (normally the primary key). Each must be NOT NULL
+    /// in the database: the source refuses to start otherwise.
     pub key: Vec<String>,
     /// Only these columns (the key columns are always included); absent: all.
     #[serde(default)]

@@ -44,6 +44,21 @@ pub enum SqlError {
         /// What is missing.
         message: String,
     },
+    /// A configured key column allows NULL: a NULL key identifies no row, and a snapshot
+    /// resumed after a NULL key would skip or repeat rows.
+    #[error(
+        "source {source_name}: table {table:?}: key column {column:?} allows NULL; a key must \
+         identify each row: choose NOT NULL columns (such as the primary key) in tables[].key, \
+         or add NOT NULL to the column"
+    )]
+    NullableKey {
+        /// The source, as named in the agent config.
+        source_name: String,
+        /// The table, as configured.
+        table: String,
+        /// The key column, as configured.
+        column: String,
+    },
     /// A value or message from the database that cannot be read (the logical decoding
     /// stream, a binary column value, a stored event).
     #[error("decode: {0}")]
@@ -74,6 +89,37 @@ impl SqlError {
         SqlError::Database {
             context: context.into(),
             message: err.to_string(),
+        }
+    }
+
+    /// Refuses the first of `key` (a table's configured key columns) that `allows_null`
+    /// says the catalog does not declare NOT NULL.
+    pub(crate) fn refuse_nullable_key<'a>(
+        source: &str,
+        table: &str,
+        key: impl IntoIterator<Item = &'a String>,
+        allows_null: impl Fn(&str) -> bool,
+    ) -> Result<(), SqlError> {
+        match key.into_iter().find(|column| allows_null(column)) {
+            Some(column) => Err(SqlError::NullableKey {
+                source_name: source.to_owned(),
+                table: table.to_owned(),
+                column: column.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A NULL in a key column read from a table whose key was checked NOT NULL at start
+    /// (the column was altered since): stops rather than resume from a made-up key.
+    pub(crate) fn null_key(table: &str, column: &str) -> Self {
+        SqlError::Table {
+            table: table.to_owned(),
+            message: format!(
+                "a row has NULL in key column {column:?}, which was NOT NULL when the source \
+                 started (altered since?); a key must identify each row: add NOT NULL to the \
+                 column or choose other key columns"
+            ),
         }
     }
 
@@ -128,7 +174,24 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, SqlError};
+
+    #[test]
+    fn a_nullable_key_column_is_refused_by_name() {
+        let key = vec!["patnum".to_owned(), "chartno".to_owned()];
+        let err = SqlError::refuse_nullable_key("pms", "patient", &key, |c| c == "chartno")
+            .err()
+            .map(|err| err.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "source pms: table \"patient\": key column \"chartno\" allows NULL; a key must \
+                 identify each row: choose NOT NULL columns (such as the primary key) in \
+                 tables[].key, or add NOT NULL to the column"
+            )
+        );
+        assert!(SqlError::refuse_nullable_key("pms", "patient", &key, |_| false).is_ok());
+    }
 
     #[test]
     fn passwords_in_urls_are_redacted() {

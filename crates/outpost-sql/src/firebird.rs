@@ -139,6 +139,7 @@ impl FbSource {
             let mut conn = connect(&config)?;
             let checked = conn.in_tx(TxKind::SnapshotRead, |conn, tr| {
                 let tables = ddl::resolve_tables(conn, tr, &config)?;
+                ddl::refuse_nullable_keys(conn, tr, &source_name, &config, &tables)?;
                 let installed = ddl::installed(conn, tr)?;
                 if !(installed.sequence && installed.change_table && installed.blob_table) {
                     return Err(SqlError::Config(format!(
@@ -356,8 +357,14 @@ impl FbSource {
                 last_key = Some(
                     spec.key
                         .iter()
-                        .map(|&i| texts.get(i).cloned().flatten().unwrap_or_default())
-                        .collect::<Vec<String>>(),
+                        .map(|&i| {
+                            // Resuming after a made-up key would skip or repeat rows.
+                            texts.get(i).cloned().flatten().ok_or_else(|| {
+                                let column = spec.columns.get(i).map_or("", |c| &c.event_name);
+                                SqlError::null_key(&spec.config_name, column)
+                            })
+                        })
+                        .collect::<Result<Vec<String>, SqlError>>()?,
                 );
                 events.push(ChangeEvent {
                     source: self.name.clone(),

@@ -166,6 +166,8 @@ pub struct ReadTable {
     pub name: String,
     /// Key columns first, then the configured columns; `None` when the config reads all.
     pub columns: Option<Vec<String>>,
+    /// The configured key columns (`outpost sql check` wants them NOT NULL).
+    pub key: Vec<String>,
 }
 
 /// What a source needs.
@@ -208,6 +210,7 @@ impl SourceNeeds {
                     }
                     all
                 }),
+                key: table.key.clone(),
             })
             .collect();
         Ok(SourceNeeds {

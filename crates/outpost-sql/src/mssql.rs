@@ -362,13 +362,14 @@ impl MsSource {
         let mut client = Client::connect(tds, tcp.compat_write())
             .await
             .map_err(|err| connect_err(err.to_string()))?;
+        let source = name;
         let mut tables = Vec::new();
         for table in &config.tables {
             let (schema, name) = split_qualified(&table.name);
             let schema = schema.unwrap_or("dbo");
             let rows = client
                 .query(
-                    "SELECT COLUMN_NAME, DATA_TYPE FROM INFORMATION_SCHEMA.COLUMNS \
+                    "SELECT COLUMN_NAME, DATA_TYPE, IS_NULLABLE FROM INFORMATION_SCHEMA.COLUMNS \
                      WHERE TABLE_SCHEMA = @P1 AND TABLE_NAME = @P2 ORDER BY ORDINAL_POSITION",
                     &[&schema, &name],
                 )
@@ -399,6 +400,16 @@ impl MsSource {
                     });
                 }
             }
+            let nullable: Vec<String> = rows
+                .iter()
+                .filter(|r| allows_null(r.get(2)))
+                .filter_map(|r| r.get::<&str, _>(0).map(str::to_owned))
+                .collect();
+            // The snapshot resumes after the last key read (`k > @P…`), which a NULL never
+            // satisfies, and a NULL key names no row in an event.
+            SqlError::refuse_nullable_key(source, &table.name, &table.key, |c| {
+                nullable.iter().any(|n| n == c)
+            })?;
             let columns = all
                 .into_iter()
                 .filter(|(c, _)| {
@@ -522,17 +533,7 @@ impl MsSource {
                 for ((column, _), (_, data)) in table.columns.iter().zip(row.cells()) {
                     after_row.insert(column.clone(), column_to_json(data));
                 }
-                last_key = Some(
-                    table
-                        .key
-                        .iter()
-                        .map(|k| match after_row.get(k) {
-                            Some(Value::String(s)) => s.clone(),
-                            Some(other) => other.to_string(),
-                            None => String::new(),
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                last_key = Some(snapshot_key(&table, &after_row)?);
                 events.push(ChangeEvent {
                     source: self.name.clone(),
                     table: table.config_name.clone(),
@@ -603,7 +604,7 @@ impl MsSource {
                 .await
                 .map_err(ms_err("read the minimum valid version"))?
                 .and_then(|r| r.get::<i64, _>(0));
-            check_min_valid(&table.config_name, last, min)?;
+            check_min_valid(&self.name, &table.config_name, last, min)?;
             let rows = self
                 .client
                 .query(table.changes_query(), &[&last, &current])
@@ -671,15 +672,42 @@ impl MsSource {
     }
 }
 
-/// Refuses to resume from a version change tracking has already cleaned up.
-pub fn check_min_valid(table: &str, last: i64, min: Option<i64>) -> Result<(), SqlError> {
+/// Whether `INFORMATION_SCHEMA.COLUMNS.IS_NULLABLE` lets a column hold NULL (anything but
+/// `NO`: a column whose definition cannot be read is not taken for NOT NULL).
+pub fn allows_null(is_nullable: Option<&str>) -> bool {
+    !is_nullable.is_some_and(|text| text.trim().eq_ignore_ascii_case("NO"))
+}
+
+/// The resume point after a snapshot row: its key values as text (bound back as
+/// parameters). A NULL there is an error: resuming after a made-up key would skip or
+/// repeat rows, and the key columns were checked NOT NULL at start.
+pub fn snapshot_key(table: &MsTable, row: &Row) -> Result<Vec<String>, SqlError> {
+    table
+        .key
+        .iter()
+        .map(|k| match row.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Null) | None => Err(SqlError::null_key(&table.config_name, k)),
+            Some(other) => Ok(other.to_string()),
+        })
+        .collect()
+}
+
+/// Refuses to resume from a version change tracking has already cleaned up; `source`
+/// names the source in the advice.
+pub fn check_min_valid(
+    source: &str,
+    table: &str,
+    last: i64,
+    min: Option<i64>,
+) -> Result<(), SqlError> {
     match min {
         None => Err(SqlError::Table {
             table: table.to_owned(),
             message: "change tracking is not enabled on this table: ALTER TABLE … ENABLE CHANGE_TRACKING".into(),
         }),
         Some(min) if last < min => Err(SqlError::Position(format!(
-            "table {table}: the stored change tracking version {last} is older than the oldest one kept ({min}); changes were cleaned up: delete the source's position file to take a new snapshot"
+            "table {table}: the stored change tracking version {last} is older than the oldest one kept ({min}); changes were cleaned up: run `outpost sql reset {source} --config FILE` to take a new snapshot"
         ))),
         Some(_) => Ok(()),
     }
@@ -778,10 +806,34 @@ mod tests {
         assert_eq!(p.after, Some(vec!["10".into()]));
         assert!(MsPosition::parse(r#"{"phase":"nope","version":1}"#).is_err());
         assert!(MsPosition::parse("garbage").is_err());
-        assert!(check_min_valid("t", 10, Some(5)).is_ok());
-        let err = check_min_valid("t", 3, Some(5)).unwrap_err().to_string();
-        assert!(err.contains("new snapshot"), "{err}");
-        assert!(check_min_valid("t", 3, None).is_err());
+        assert!(check_min_valid("pms", "t", 10, Some(5)).is_ok());
+        let err = check_min_valid("pms", "t", 3, Some(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run `outpost sql reset pms --config FILE` to take a new snapshot"),
+            "{err}"
+        );
+        assert!(check_min_valid("pms", "t", 3, None).is_err());
+    }
+
+    #[test]
+    fn nullable_key_columns_are_refused_and_null_keys_never_resume() {
+        assert!(!allows_null(Some("NO")));
+        assert!(allows_null(Some("YES")));
+        assert!(allows_null(None));
+        let mut row = Row::new();
+        row.insert("aptnum".into(), json!(7));
+        assert_eq!(snapshot_key(&appointment(), &row).unwrap(), vec!["7"]);
+        row.insert("aptnum".into(), json!("A-7"));
+        assert_eq!(snapshot_key(&appointment(), &row).unwrap(), vec!["A-7"]);
+        row.insert("aptnum".into(), Value::Null);
+        let err = snapshot_key(&appointment(), &row).unwrap_err().to_string();
+        assert!(
+            err.contains("appointment") && err.contains("\"aptnum\""),
+            "{err}"
+        );
+        assert!(snapshot_key(&appointment(), &Row::new()).is_err());
     }
 
     #[test]

@@ -91,6 +91,8 @@ struct Column {
     kind: Kind,
     /// Configured (all columns are read, so that positions line up with the binlog).
     captured: bool,
+    /// `IS_NULLABLE` says YES.
+    nullable: bool,
 }
 
 /// A table as found in the database.
@@ -242,6 +244,11 @@ impl MySqlSource {
                 wanted: table.columns.clone(),
             };
             spec.columns = read_columns(&mut conn, &spec).await?;
+            // The snapshot resumes after the last key read (`k > ?`), which a NULL never
+            // satisfies, and a NULL key names no row in an event.
+            SqlError::refuse_nullable_key(name, &spec.config_name, &spec.key, |key| {
+                spec.columns.iter().any(|c| c.name == key && c.nullable)
+            })?;
             tables.push(spec);
         }
         let server_own: u32 = conn
@@ -392,18 +399,24 @@ impl MySqlSource {
                     let value = row.as_ref(i).cloned().unwrap_or(mysql_async::Value::NULL);
                     after_row.insert(column.name.clone(), to_json(&column.kind, &value));
                 }
-                let key_values: Vec<KeyValue> = spec
+                let key_values = spec
                     .key
                     .iter()
                     .map(|k| {
-                        spec.columns
+                        // Resuming after a made-up key would skip or repeat rows.
+                        match spec
+                            .columns
                             .iter()
                             .position(|c| &c.name == k)
                             .and_then(|i| row.as_ref(i))
-                            .map(KeyValue::from_value)
-                            .unwrap_or(KeyValue::Null)
+                        {
+                            None | Some(mysql_async::Value::NULL) => {
+                                Err(SqlError::null_key(&spec.config_name, k))
+                            }
+                            Some(value) => Ok(KeyValue::from_value(value)),
+                        }
                     })
-                    .collect();
+                    .collect::<Result<Vec<KeyValue>, SqlError>>()?;
                 events.push(ChangeEvent {
                     source: self.name.clone(),
                     table: spec.config_name.clone(),
@@ -498,7 +511,7 @@ impl MySqlSource {
         let stream = conn
             .get_binlog_stream(request)
             .await
-            .map_err(|err| binlog_error(&self.at, err))?;
+            .map_err(|err| binlog_error(&self.name, &self.at, err))?;
         self.stream = Some(stream);
         self.file = self.at.file.clone();
         self.tx = OpenTx::default();
@@ -531,7 +544,7 @@ impl MySqlSource {
                 Some(Ok(event)) => event,
                 Some(Err(err)) => {
                     self.stream = None;
-                    return Err(binlog_error(&self.at, err));
+                    return Err(binlog_error(&self.name, &self.at, err));
                 }
                 None => {
                     self.stream = None;
@@ -795,10 +808,11 @@ impl MySqlSource {
                 message: format!(
                     "the binlog at {} has {count} columns for it but the table now has {} \
                      (a column was added or dropped after this change was written); column names \
-                     cannot be matched. Take a new snapshot (remove the source's position \
-                     file) to go on from the table as it is now",
+                     cannot be matched. Take a new snapshot to go on from the table as it is \
+                     now: run `outpost sql reset {} --config FILE`",
                     self.at.text(),
-                    fresh.len()
+                    fresh.len(),
+                    self.name
                 ),
             });
         }
@@ -959,14 +973,14 @@ fn my(context: impl Into<String>, err: mysql_async::Error) -> SqlError {
 }
 
 /// An error of the binlog stream, with advice for the ones that need a person.
-fn binlog_error(at: &BinlogPos, err: mysql_async::Error) -> SqlError {
+fn binlog_error(source: &str, at: &BinlogPos, err: mysql_async::Error) -> SqlError {
     let text = err.to_string();
     if let mysql_async::Error::Server(server) = &err {
         if server.code == 1236 {
             return SqlError::Binlog(format!(
                 "the server cannot send the binlog from {}: {} (the file may have been removed \
-                 by binlog_expire_logs_seconds while the agent was away; remove the source's \
-                 position file to take a new snapshot)",
+                 by binlog_expire_logs_seconds while the agent was away): run `outpost sql reset \
+                 {source} --config FILE` to take a new snapshot",
                 at.text(),
                 server.message
             ));
@@ -1077,10 +1091,10 @@ async fn check_server(conn: &mut Conn) -> Result<bool, SqlError> {
 /// A table's columns from `information_schema.COLUMNS`, in table order.
 async fn read_columns(conn: &mut Conn, table: &MyTable) -> Result<Vec<Column>, SqlError> {
     #[allow(clippy::type_complexity)]
-    let rows: Vec<(String, String, String, Option<String>, Option<u64>, u64)> = conn
+    let rows: Vec<(String, String, String, Option<String>, Option<u64>, u64, String)> = conn
         .exec(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, CHARACTER_OCTET_LENGTH, \
-             ORDINAL_POSITION \
+             ORDINAL_POSITION, IS_NULLABLE \
              FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
              ORDER BY ORDINAL_POSITION",
             (table.database.as_str(), table.name.as_str()),
@@ -1109,7 +1123,7 @@ async fn read_columns(conn: &mut Conn, table: &MyTable) -> Result<Vec<Column>, S
     // carries every column: hidden ones become uncaptured placeholders at their positions,
     // so the visible ones keep theirs.
     let mut columns = Vec::with_capacity(rows.len());
-    for (name, data_type, column_type, charset, octets, ordinal) in rows {
+    for (name, data_type, column_type, charset, octets, ordinal, nullable) in rows {
         let ordinal = usize::try_from(ordinal).unwrap_or(usize::MAX);
         while columns.len() + 1 < ordinal {
             columns.push(hidden_column(columns.len() + 1));
@@ -1122,6 +1136,7 @@ async fn read_columns(conn: &mut Conn, table: &MyTable) -> Result<Vec<Column>, S
             kind: Kind::from_schema(&data_type, &column_type, charset.as_deref(), octets),
             name,
             captured,
+            nullable: !nullable.eq_ignore_ascii_case("NO"),
         });
     }
     Ok(columns)
@@ -1138,6 +1153,7 @@ fn hidden_column(ordinal: usize) -> Column {
         name: format!("#{ordinal}"),
         kind: Kind::Binary { pad: None },
         captured: false,
+        nullable: true,
     }
 }
 

@@ -202,7 +202,7 @@ impl PgSource {
         resume: Option<Position>,
     ) -> Result<PgSource, SqlError> {
         let (client, connection) = connect(config).await?;
-        let tables = resolve_tables(&client, config).await?;
+        let tables = resolve_tables(&client, name, config).await?;
         let slot = config.slot.clone().unwrap_or_else(|| pg_object_name(name));
         let publication = config
             .publication
@@ -794,14 +794,19 @@ pub(crate) async fn pg_connect(
     Ok((client, task))
 }
 
-async fn resolve_tables(client: &Client, config: &SourceConfig) -> Result<Vec<PgTable>, SqlError> {
+async fn resolve_tables(
+    client: &Client,
+    source: &str,
+    config: &SourceConfig,
+) -> Result<Vec<PgTable>, SqlError> {
     let mut tables = Vec::new();
     for table in &config.tables {
         let (schema, name) = split_qualified(&table.name);
         let schema = schema.unwrap_or("public");
         let rows = client
             .query(
-                "SELECT a.attname::text, a.atttypid::oid, format_type(a.atttypid, a.atttypmod) \
+                "SELECT a.attname::text, a.atttypid::oid, format_type(a.atttypid, a.atttypmod), \
+                 a.attnotnull \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -828,6 +833,14 @@ async fn resolve_tables(client: &Client, config: &SourceConfig) -> Result<Vec<Pg
                 });
             }
         }
+        // The snapshot resumes after the last key read (`(k…) > ($…)`), which a NULL
+        // never satisfies, and a NULL key names no row in an event.
+        let nullable: HashSet<String> = rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(3))
+            .map(|r| r.get(0))
+            .collect();
+        SqlError::refuse_nullable_key(source, &table.name, &table.key, |c| nullable.contains(c))?;
         let wanted: Option<HashSet<&String>> = table
             .columns
             .as_ref()

@@ -23,7 +23,7 @@ use rusqlite::{params, Connection, OpenFlags};
 use serde_json::Value;
 
 use crate::event::sqlite_to_json;
-use crate::ident::{quote, quote_qualified};
+use crate::ident::{quote, quote_qualified, split_qualified};
 use crate::poll::{blocking, create_state, key_text, open_state, Pending, TableLook};
 use crate::{Batch, ChangeEvent, ChangeSource, Position, Row, SourceConfig, SqlError};
 
@@ -78,11 +78,12 @@ impl SqlitePoll {
             interval: config.interval,
             pending: None,
         };
-        let (db_path, state_path, state_dir, tables) = (
+        let (db_path, state_path, state_dir, tables, source_name) = (
             source.db_path.clone(),
             source.state_path.clone(),
             state_dir.to_owned(),
             source.tables.clone(),
+            name.to_owned(),
         );
         blocking(move || {
             create_state(&state_dir, &state_path)?;
@@ -102,6 +103,12 @@ impl SqlitePoll {
                         });
                     }
                 }
+                // A NULL key names no row: the delete check and the state file of known
+                // keys could not tell such rows apart.
+                let nullable = nullable_columns(&db, table)?;
+                SqlError::refuse_nullable_key(&source_name, &table.config_name, &table.key, |c| {
+                    nullable.contains(c)
+                })?;
             }
             Ok(())
         })
@@ -134,6 +141,46 @@ fn table_columns(db: &Connection, table: &PollTable) -> Result<HashSet<String>, 
         message: err.to_string(),
     })?;
     Ok(stmt.column_names().into_iter().map(str::to_owned).collect())
+}
+
+/// The columns of `table` that may hold NULL. A column declared NOT NULL may not, and
+/// neither may the rowid alias (an `INTEGER PRIMARY KEY` of a rowid table, even without
+/// NOT NULL); any other PRIMARY KEY column of a rowid table may, as SQLite keeps a
+/// historical quirk (a WITHOUT ROWID table's PRIMARY KEY columns report NOT NULL).
+fn nullable_columns(db: &Connection, table: &PollTable) -> Result<HashSet<String>, SqlError> {
+    let (schema, name) = split_qualified(&table.config_name);
+    let failed = |err: rusqlite::Error| SqlError::Table {
+        table: table.config_name.clone(),
+        message: format!("read the column definitions: {err}"),
+    };
+    let mut stmt = db
+        .prepare("SELECT name, \"notnull\", pk FROM pragma_table_info(?1, ?2)")
+        .map_err(failed)?;
+    let columns: Vec<(String, bool, i64)> = stmt
+        .query_map(params![name, schema], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(failed)?
+        .collect::<Result<_, _>>()
+        .map_err(failed)?;
+    // Every PRIMARY KEY but the rowid alias is backed by an index of origin `pk`.
+    let pk_index: bool = db
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_index_list(?1, ?2) WHERE origin = 'pk')",
+            params![name, schema],
+            |row| row.get(0),
+        )
+        .map_err(failed)?;
+    let pk_columns = columns.iter().filter(|(_, _, pk)| *pk > 0).count();
+    let rowid_alias = !pk_index && pk_columns == 1;
+    Ok(columns
+        .into_iter()
+        .filter(|(_, not_null, pk)| {
+            let is_rowid = rowid_alias && *pk > 0;
+            !(*not_null || is_rowid)
+        })
+        .map(|(name, _, _)| name)
+        .collect())
 }
 
 /// One look at every table: the events and what committing them changes.

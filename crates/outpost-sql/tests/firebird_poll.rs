@@ -279,3 +279,79 @@ async fn poll_mode_refuses_config_mistakes() {
     assert!(err.contains("TIMESTAMP"), "{err}");
     assert_eq!(installed_objects(&db), "0");
 }
+
+/// A key column that allows NULL is refused; a NOT NULL column (here through its domain)
+/// that is not the primary key is a key like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_that_allows_null_is_refused() {
+    if skip_firebird_tests("firebird_poll") {
+        return;
+    }
+    let db = FbDatabase::create();
+    db.isql(
+        "CREATE DOMAIN D_CODE VARCHAR(20) NOT NULL;
+         CREATE TABLE CHART (
+           CHARTID INTEGER PRIMARY KEY,
+           CHARTNO VARCHAR(20),
+           CODE D_CODE,
+           CHANGED_AT TIMESTAMP NOT NULL
+         );
+         COMMIT;
+         INSERT INTO CHART VALUES (1, NULL, 'c1', '2024-03-05 14:30:00');
+         INSERT INTO CHART VALUES (2, 'x', 'c2', '2024-03-05 14:30:00');
+         COMMIT;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let chart = |key: &str| -> SourceConfig {
+        toml::from_str(&format!(
+            r#"url = "{}"
+               mode = "poll"
+               interval = "100ms"
+               watermark = "changed_at"
+               tables = [ {{ name = "chart", key = {key} }} ]"#,
+            db.url()
+        ))
+        .unwrap()
+    };
+    for key in [r#"["chartno"]"#, r#"["code", "CHARTNO"]"#] {
+        let err = outpost_sql::open("pms", &chart(key), Path::new("."), dir.path(), None)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        let column = if key.contains("CHARTNO") {
+            "CHARTNO"
+        } else {
+            "chartno"
+        };
+        assert_eq!(
+            err,
+            format!(
+                "source pms: table \"chart\": key column \"{column}\" allows NULL; a key must \
+                 identify each row: choose NOT NULL columns (such as the primary key) in \
+                 tables[].key, or add NOT NULL to the column"
+            )
+        );
+    }
+
+    // The trigger capture refuses it too, before it looks for its triggers.
+    let mut cdc = chart(r#"["chartno"]"#);
+    cdc.mode = outpost_sql::Mode::Cdc;
+    let err = outpost_sql::open("pms", &cdc, Path::new("."), dir.path(), None)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("key column \"chartno\" allows NULL"), "{err}");
+
+    // The primary key (NOT NULL without saying so) and a NOT NULL domain are keys.
+    for key in [r#"["chartid"]"#, r#"["code"]"#] {
+        let state = dir.path().join(key.replace(['[', ']', '"'], ""));
+        let mut source = open(&chart(key), &state, None).await;
+        let batch = next(&mut source).await;
+        let name = key.trim_matches(['[', ']', '"']);
+        let keys: Vec<serde_json::Value> = ops(&batch).into_iter().map(|(_, _, k)| k).collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys.iter().all(|k| k.get(name).is_some()), "{keys:?}");
+    }
+}

@@ -528,3 +528,82 @@ async fn bad_settings_give_clear_errors_without_the_password() {
     let err = try_open(&no_key, None).await.err().unwrap().to_string();
     assert!(err.contains("has no column \"nope\""), "{err}");
 }
+
+/// A key column that allows NULL is refused; a NOT NULL column that is not the primary key
+/// is a key like any other, and a snapshot resumed after a restart goes on after the last
+/// one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_that_allows_null_is_refused() {
+    if skip_mariadb_tests("a_key_column_that_allows_null_is_refused") {
+        return;
+    }
+    let db = MariaDb::create();
+    db.sql(
+        "CREATE TABLE chart (chartid INT PRIMARY KEY, chartno VARCHAR(20), code VARCHAR(20) NOT NULL);
+         INSERT INTO chart VALUES (1, NULL, 'c1'), (2, 'x', 'c2'), (3, 'y', 'c3');",
+    );
+    let chart = |key: &str| -> SourceConfig {
+        toml::from_str(&format!(
+            r#"url = "{}"
+               mode = "cdc"
+               chunk_rows = 2
+               tables = [ {{ name = "chart", key = {key} }} ]"#,
+            db.url()
+        ))
+        .unwrap()
+    };
+    for key in [r#"["chartno"]"#, r#"["code", "chartno"]"#] {
+        let err = try_open(&chart(key), None).await.err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "source pms: table \"chart\": key column \"chartno\" allows NULL; a key must \
+             identify each row: choose NOT NULL columns (such as the primary key) in \
+             tables[].key, or add NOT NULL to the column"
+        );
+    }
+
+    // `outpost sql check` says so too.
+    let config = chart(r#"["code", "chartno"]"#);
+    let needs = outpost_sql::grants::SourceNeeds::of_config("pms", &config).unwrap();
+    let report = outpost_sql::check::check_mysql(
+        &config.url,
+        None,
+        &outpost_sql::check::Needs::source(&needs),
+    )
+    .await
+    .unwrap();
+    let keys: Vec<&str> = report
+        .findings
+        .iter()
+        .filter(|f| f.what.contains("key column"))
+        .map(|f| f.what.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [format!(
+            "NOT NULL on key column `chartno` of `{}`.`chart`: it allows NULL, and a key must \
+             identify each row (choose NOT NULL columns, such as the primary key, in \
+             tables[].key, or add NOT NULL to the column)",
+            db.name()
+        )]
+    );
+
+    let config = chart(r#"["code"]"#);
+    let mut source = open(&db, &config, None).await;
+    let first = next(&mut source).await;
+    assert_eq!(
+        summary(&first.all_events().unwrap()),
+        vec![
+            ("chart".into(), "snapshot", json!({"code": "c1"})),
+            ("chart".into(), "snapshot", json!({"code": "c2"})),
+        ]
+    );
+    source.committed(&first.position).await.unwrap();
+    drop(source);
+    let mut source = open(&db, &config, Some(first.position)).await;
+    let rest = next(&mut source).await;
+    assert_eq!(
+        summary(&rest.all_events().unwrap()),
+        vec![("chart".into(), "snapshot", json!({"code": "c3"}))]
+    );
+}

@@ -382,3 +382,94 @@ async fn a_large_snapshot_streams_while_progress_is_probed() {
     assert!(probes > 10, "{probes} probes");
     assert!(estimated >= ROWS as u64 / 2, "estimate {estimated}");
 }
+
+/// A key column that allows NULL is refused before anything is created in the database; a
+/// NOT NULL column that is not the primary key is a key like any other, and a snapshot
+/// resumed after a restart goes on after the last one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_that_allows_null_is_refused() {
+    if skip_postgres_tests("a_key_column_that_allows_null_is_refused") {
+        return;
+    }
+    let db = PgDatabase::create();
+    db.psql(
+        "CREATE TABLE chart (chartid int PRIMARY KEY, chartno text, code text NOT NULL);
+         INSERT INTO chart VALUES (1, NULL, 'c1'), (2, 'x', 'c2'), (3, 'y', 'c3');",
+    );
+    let chart = |key: &str| -> SourceConfig {
+        toml::from_str(&format!(
+            r#"url = "{}"
+               mode = "cdc"
+               chunk_rows = 2
+               slot = "outpost_{}"
+               tables = [ {{ name = "chart", key = {key} }} ]"#,
+            db.url(),
+            db.name()
+        ))
+        .unwrap()
+    };
+    let state = tempfile::tempdir().unwrap();
+    for key in [r#"["chartno"]"#, r#"["code", "chartno"]"#] {
+        let err = outpost_sql::open("pms", &chart(key), Path::new("."), state.path(), None)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        assert_eq!(
+            err,
+            "source pms: table \"chart\": key column \"chartno\" allows NULL; a key must \
+             identify each row: choose NOT NULL columns (such as the primary key) in \
+             tables[].key, or add NOT NULL to the column"
+        );
+    }
+    assert_eq!(
+        db.psql("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"),
+        "0",
+        "refused before the slot is created"
+    );
+
+    // `outpost sql check` says so too.
+    let config = chart(r#"["code", "chartno"]"#);
+    let needs = outpost_sql::grants::SourceNeeds::of_config("pms", &config).unwrap();
+    let report = outpost_sql::check::check_postgres(
+        &config.url,
+        None,
+        &outpost_sql::check::Needs::source(&needs),
+    )
+    .await
+    .unwrap();
+    let keys: Vec<&str> = report
+        .findings
+        .iter()
+        .filter(|f| f.what.contains("key column"))
+        .map(|f| f.what.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "NOT NULL on key column \"chartno\" of \"public\".\"chart\": it allows NULL, and a \
+          key must identify each row (choose NOT NULL columns, such as the primary key, in \
+          tables[].key, or add NOT NULL to the column: ALTER TABLE \"public\".\"chart\" ALTER \
+          COLUMN \"chartno\" SET NOT NULL;)"
+        ]
+    );
+
+    let config = chart(r#"["code"]"#);
+    let mut source = open(&db, &config, None).await;
+    let first = next(&mut source).await;
+    assert_eq!(
+        summary(&first.all_events().unwrap()),
+        vec![
+            ("chart".into(), "snapshot", json!({"code": "c1"})),
+            ("chart".into(), "snapshot", json!({"code": "c2"})),
+        ]
+    );
+    source.committed(&first.position).await.unwrap();
+    drop(source);
+    let mut source = open(&db, &config, Some(first.position)).await;
+    let rest = next(&mut source).await;
+    assert_eq!(
+        summary(&rest.all_events().unwrap()),
+        vec![("chart".into(), "snapshot", json!({"code": "c3"}))]
+    );
+}

@@ -103,3 +103,75 @@ async fn watermark_polling_finds_inserts_updates_and_deletes() {
     let batch = next(&mut source).await;
     assert_eq!(ops(&batch), vec![(Op::Update, json!({"patnum": 3}))]);
 }
+
+#[tokio::test]
+async fn a_key_column_that_allows_null_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pms.db");
+    let db = Connection::open(&path).unwrap();
+    // `INT PRIMARY KEY` is no rowid alias: SQLite lets it hold NULL.
+    db.execute_batch(
+        "CREATE TABLE patient (patnum INTEGER PRIMARY KEY, chartno TEXT, ssn TEXT NOT NULL, version INTEGER NOT NULL);
+         CREATE TABLE recall (recallnum INT PRIMARY KEY, version INTEGER NOT NULL);
+         CREATE TABLE visit (visitnum INT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE claim (claimnum INTEGER, version INTEGER NOT NULL, PRIMARY KEY (claimnum DESC));
+         INSERT INTO patient VALUES (1, NULL, 'a', 1), (2, 'C-2', 'b', 2);",
+    )
+    .unwrap();
+    let open = |tables: &str| {
+        let config: SourceConfig = toml::from_str(&format!(
+            r#"url = "sqlite:{}"
+               mode = "poll"
+               interval = "50ms"
+               watermark = "version"
+               tables = [ {tables} ]"#,
+            path.display()
+        ))
+        .unwrap();
+        let state = dir.path().join("state");
+        async move { outpost_sql::open("pms", &config, Path::new("."), &state, None).await }
+    };
+
+    let err = open(r#"{ name = "patient", key = ["chartno"] }"#)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert_eq!(
+        err,
+        "source pms: table \"patient\": key column \"chartno\" allows NULL; a key must identify \
+         each row: choose NOT NULL columns (such as the primary key) in tables[].key, or add \
+         NOT NULL to the column"
+    );
+    let err = open(r#"{ name = "patient", key = ["patnum", "chartno"] }"#)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("\"chartno\" allows NULL"), "{err}");
+    let err = open(r#"{ name = "main.recall", key = ["recallnum"] }"#)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("table \"main.recall\": key column \"recallnum\" allows NULL"),
+        "{err}"
+    );
+
+    // NOT NULL, a WITHOUT ROWID primary key and rowid aliases are keys.
+    let mut source = open(
+        r#"{ name = "patient", key = ["ssn"] }, { name = "visit", key = ["visitnum"] },
+           { name = "claim", key = ["claimnum"] }"#,
+    )
+    .await
+    .unwrap();
+    let batch = next(&mut source).await;
+    assert_eq!(
+        ops(&batch),
+        vec![
+            (Op::Snapshot, json!({"ssn": "a"})),
+            (Op::Snapshot, json!({"ssn": "b"}))
+        ]
+    );
+}

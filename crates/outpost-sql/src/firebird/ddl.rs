@@ -246,6 +246,57 @@ pub(crate) fn resolve_tables(
     Ok(tables)
 }
 
+/// Refuses a key column of `tables` (as [`resolve_tables`] found `config`'s) that the
+/// catalog does not declare NOT NULL, on the column or on its domain: the snapshot resumes
+/// after the last key read (`k > ?`), which a NULL never satisfies, and a NULL key names no
+/// row in an event. `source` names the source in the error.
+pub(crate) fn refuse_nullable_keys(
+    conn: &mut FbConn,
+    tr: &mut TrHandle,
+    source: &str,
+    config: &SourceConfig,
+    tables: &[FbTable],
+) -> Result<(), SqlError> {
+    for (table, configured) in tables.iter().zip(&config.tables) {
+        let nullable = nullable_columns(conn, tr, &table.relation)?;
+        // `table.key` holds the columns `configured.key` resolved to, in the same order.
+        let stored: Vec<(&String, &str)> = configured
+            .key
+            .iter()
+            .zip(&table.key)
+            .filter_map(|(wanted, &i)| Some((wanted, table.columns.get(i)?.name.as_str())))
+            .collect();
+        SqlError::refuse_nullable_key(source, &table.config_name, &configured.key, |wanted| {
+            stored
+                .iter()
+                .any(|(w, name)| *w == wanted && nullable.iter().any(|n| n == name))
+        })?;
+    }
+    Ok(())
+}
+
+/// The columns of `relation` (as stored) that may hold NULL: neither the column nor its
+/// domain is declared NOT NULL.
+pub(crate) fn nullable_columns(
+    conn: &mut FbConn,
+    tr: &mut TrHandle,
+    relation: &str,
+) -> Result<Vec<String>, SqlError> {
+    let rows = conn.query(
+        tr,
+        "SELECT TRIM(rf.RDB$FIELD_NAME) FROM RDB$RELATION_FIELDS rf \
+         JOIN RDB$FIELDS f ON f.RDB$FIELD_NAME = rf.RDB$FIELD_SOURCE \
+         WHERE rf.RDB$RELATION_NAME = ? \
+         AND COALESCE(rf.RDB$NULL_FLAG, 0) = 0 AND COALESCE(f.RDB$NULL_FLAG, 0) = 0",
+        vec![SqlType::Text(relation.to_owned())],
+        &format!("look up the nullable columns of table {relation}"),
+    )?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.first().and_then(column_text).and_then(Result::ok))
+        .collect())
+}
+
 /// Which of the shared objects exist already.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Installed {

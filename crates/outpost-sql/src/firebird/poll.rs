@@ -61,10 +61,12 @@ impl FbPoll {
         let (dir, path) = (state_dir.to_owned(), state_path.clone());
         blocking(move || create_state(&dir, &path)).await?;
         let checked = config.clone();
+        let source_name = name.to_owned();
         let (conn, tables) = blocking(move || {
             let mut conn = connect(&checked)?;
             let tables = conn.in_tx(TxKind::SnapshotRead, |conn, tr| {
                 let tables = ddl::resolve_tables(conn, tr, &checked)?;
+                ddl::refuse_nullable_keys(conn, tr, &source_name, &checked, &tables)?;
                 let mut out = Vec::with_capacity(tables.len());
                 for (table, configured) in tables.into_iter().zip(&checked.tables) {
                     let wanted = configured

@@ -377,7 +377,8 @@ pub enum KeyValue {
     Text(String),
     /// Bytes that are not UTF-8, base64.
     Bytes(String),
-    /// NULL (never in a primary key, but kept rather than refused).
+    /// NULL. The snapshot no longer stores one (key columns must be NOT NULL); kept so
+    /// that a position stored by an older version still reads back.
     Null,
 }
 

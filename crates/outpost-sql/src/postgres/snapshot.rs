@@ -203,6 +203,8 @@ struct TableEncoder {
     tail: Vec<u8>,
     /// Where the key's text forms (for the resume position) are in the result.
     key_text_from: usize,
+    /// The key columns in the configured order (the order of those text forms).
+    key_names: Vec<String>,
 }
 
 impl TableEncoder {
@@ -300,6 +302,7 @@ impl TableEncoder {
             columns,
             tail,
             key_text_from: spec.columns.len(),
+            key_names: spec.key.clone(),
         }
     }
 
@@ -347,11 +350,13 @@ impl TableEncoder {
     /// The key's text forms in `row` (the resume point after it).
     fn key_text(&self, row: &tokio_postgres::Row) -> Result<Vec<String>, SqlError> {
         let mut key = Vec::with_capacity(row.len() - self.key_text_from);
-        for index in self.key_text_from..row.len() {
+        for (index, column) in (self.key_text_from..row.len()).zip(&self.key_names) {
             let text: Option<&str> = row
                 .try_get(index)
                 .map_err(|err| SqlError::pg(format!("read table {}", self.config_name), err))?;
-            key.push(text.unwrap_or_default().to_owned());
+            // Resuming after a made-up key would skip or repeat rows.
+            let text = text.ok_or_else(|| SqlError::null_key(&self.config_name, column))?;
+            key.push(text.to_owned());
         }
         Ok(key)
     }
