@@ -422,8 +422,8 @@ async fn remove_orphan_blobs(queue: &Queue, blobs: &outpost_queue::blob::BlobSto
     };
     let mut removed = 0usize;
     for name in names {
-        // A blob is moved into place just before its queue record commits: a young one
-        // may be an instance being acknowledged right now.
+        // A blob is written under its own name before its queue record commits: a young
+        // one may be an instance arriving or being acknowledged right now.
         let young = blobs
             .path(&name)
             .ok()

@@ -6,24 +6,30 @@
 //! Each blob has its own random key. Its content is cut into chunks of [`CHUNK_BYTES`],
 //! each sealed under a nonce made of the chunk's index and a flag on the last chunk (the
 //! STREAM construction), so chunks cannot be reordered, dropped or the file cut short
-//! without the reader noticing. Memory stays at one chunk whatever the blob's size.
+//! without the reader noticing. Memory stays at two holds of [`HOLD_CHUNKS`] chunks whatever
+//! the blob's size.
 //!
 //! Blobs are written with AES-256-GCM (ring's, which uses the CPU's AES instructions: about
 //! six times XChaCha20-Poly1305's rate here, and sealing was a fifth of intake's CPU). The
 //! key is random per blob, so index-and-flag nonces never repeat under one key. Blobs of
 //! the first format (`OPBLOB1`, XChaCha20-Poly1305 with a random nonce prefix) still read.
 //!
-//! A blob is written under `blobs/tmp/`, renamed into `blobs/` once complete, and then the
-//! file and the folder are synced. A blob is durable only once that sync has returned, and
-//! only then may anyone be told it is stored; a blob named by a queue item but cut short
-//! by a crash during its sync was never acknowledged, and its reader reports it damaged.
+//! A blob is made under its own name in `blobs/` and written straight to the disk, not
+//! through the page cache (see `blob_file`); then the file and the folder are synced. A
+//! blob is durable only once those syncs have returned, and only then may anyone be told
+//! it is stored. Nothing names a blob before its queue record commits, which happens only
+//! after every byte is written, so a reader never meets one still being written; one left
+//! half-written by a crash is named by nothing and is swept (see the agent's orphan
+//! sweep). Earlier versions wrote blobs under `blobs/tmp/` and renamed them; leftovers
+//! there are swept too.
 
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
-use std::io::Write;
+
+use crate::blob_file::{AlignedBuf, AlignedBuffers, BlobFile, ALIGN};
 
 use tokio::io::AsyncReadExt;
 
@@ -76,83 +82,52 @@ pub struct BlobRef {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
-    buffers: ChunkBuffers,
+    buffers: AlignedBuffers,
 }
-
-/// Chunk buffers kept for reuse. Each is a quarter MiB, beyond the allocator's mmap
-/// threshold, so a fresh one per blob would be mapped and zeroed by the kernel page by page;
-/// at hundreds of instances a second that was a measurable share of intake's CPU.
-#[derive(Debug, Clone, Default)]
-struct ChunkBuffers(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-/// Buffers kept at most (8 MiB).
-const KEPT_BUFFERS: usize = 32;
 
 /// Full chunks gathered before they are handed to a sealing job (1 MiB). A blob up to
-/// this size (a CT or MR slice) is sealed and written in one job when it is finished;
-/// a larger one streams, one job per this many chunks while the next ones arrive, so a
-/// blob in progress holds at most twice this plus one chunk in memory.
+/// this size (a CT or MR slice) is sealed, written and synced in one job when it is
+/// finished: measured here, that beat a job per chunk, whose overlap with receiving was
+/// worth less than the extra trips between threads. A larger blob streams, one job per
+/// this many chunks while the next ones arrive, so a blob in progress holds at most two
+/// holds in memory.
 const HOLD_CHUNKS: usize = 4;
-
-impl ChunkBuffers {
-    fn take(&self) -> Vec<u8> {
-        let kept = self.0.lock().ok().and_then(|mut kept| kept.pop());
-        let mut chunk =
-            kept.unwrap_or_else(|| Vec::with_capacity(CHUNK_HEADER + CHUNK_BYTES + TAG_BYTES));
-        chunk.clear();
-        chunk.extend_from_slice(&[0u8; CHUNK_HEADER]);
-        chunk
-    }
-
-    fn give_back(&self, chunk: Vec<u8>) {
-        if chunk.capacity() < CHUNK_HEADER + CHUNK_BYTES + TAG_BYTES {
-            return;
-        }
-        if let Ok(mut kept) = self.0.lock() {
-            if kept.len() < KEPT_BUFFERS {
-                kept.push(chunk);
-            }
-        }
-    }
-}
 
 impl BlobStore {
     /// The store under `data_dir/blobs`, created if needed.
     pub fn open(data_dir: &Path) -> Result<BlobStore, BlobError> {
         let dir = data_dir.join("blobs");
-        std::fs::create_dir_all(dir.join("tmp")).map_err(|source| BlobError::Io {
+        std::fs::create_dir_all(&dir).map_err(|source| BlobError::Io {
             path: dir.clone(),
             source,
         })?;
         Ok(BlobStore {
             dir,
-            buffers: ChunkBuffers::default(),
+            buffers: AlignedBuffers::default(),
         })
     }
 
-    /// Starts a new blob.
+    /// Starts a new blob. Its file is made by the first sealing job: a small blob then
+    /// costs one trip to a blocking thread in all (create, seal, write, sync).
     pub async fn create(&self) -> Result<BlobWriter, BlobError> {
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let name = format!("{}.blob", hex::encode(id));
-        let tmp = self.dir.join("tmp").join(&name);
+        let path = self.dir.join(&name);
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let cipher =
-            ChunkCipher::aes(&key).map_err(|()| damaged(&tmp, "AES-256-GCM unavailable"))?;
-        // The file is made by the first sealing job: a small blob then costs one trip to a
-        // blocking thread in all (create, seal, write, rename, sync), not one per step.
+            ChunkCipher::aes(&key).map_err(|()| damaged(&path, "AES-256-GCM unavailable"))?;
         Ok(BlobWriter {
-            dir: self.dir.clone(),
             name,
-            tmp,
+            path,
             sealer: Some(Sealer { file: None, cipher }),
             sealing: None,
             key,
-            held: Vec::with_capacity(HOLD_CHUNKS),
-            chunk: self.buffers.take(),
+            hold: Hold::new(&self.buffers, 0),
             buffers: self.buffers.clone(),
             index: 0,
+            offset: 0,
             len: 0,
         })
     }
@@ -215,16 +190,24 @@ impl BlobStore {
         }
     }
 
-    /// Names of the finished blobs, and removes unfinished ones older than `stale` (left by
-    /// a crash mid-instance, never acknowledged to anyone).
+    /// Names of the blobs, finished or still being written (a caller deciding which are
+    /// orphans must spare young ones). Also removes what earlier versions left unfinished
+    /// under `blobs/tmp/` once older than `stale` (never acknowledged to anyone).
     pub async fn list(&self, stale: std::time::Duration) -> Result<Vec<String>, BlobError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| BlobError::Io { path, source }
         };
         let tmp = self.dir.join("tmp");
-        let mut entries = tokio::fs::read_dir(&tmp).await.map_err(io(&tmp))?;
-        while let Some(entry) = entries.next_entry().await.map_err(io(&tmp))? {
+        let mut entries = match tokio::fs::read_dir(&tmp).await {
+            Ok(entries) => Some(entries),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => return Err(io(&tmp)(err)),
+        };
+        while let Some(entry) = match entries.as_mut() {
+            Some(entries) => entries.next_entry().await.map_err(io(&tmp))?,
+            None => None,
+        } {
             let old = entry
                 .metadata()
                 .await
@@ -252,37 +235,93 @@ impl BlobStore {
 
 /// A blob being written.
 ///
-/// Full chunks are held until [`HOLD_CHUNKS`] of them are gathered, then sealed and written
-/// on a blocking thread while the next ones arrive, so encryption and disk writes overlap
-/// with receiving; a blob that never gathers that many is written whole by `finish`.
+/// Chunks are gathered in an aligned buffer laid out exactly as they will lie in the file
+/// (length, ciphertext, tag), so they are sealed in place and written straight from it.
+/// When [`HOLD_CHUNKS`] are full they go to a blocking job that seals and writes them while
+/// the next ones arrive; a blob that never gathers that many is written whole by `finish`.
 pub struct BlobWriter {
-    dir: PathBuf,
     name: String,
-    tmp: PathBuf,
+    path: PathBuf,
     /// The file (once made) and cipher; `None` while a sealing job holds them, or after a
     /// failure.
     sealer: Option<Sealer>,
     sealing: Option<tokio::task::JoinHandle<SealOutcome>>,
     key: [u8; 32],
-    /// Full chunks (each `CHUNK_HEADER` placeholder bytes, then plaintext) not yet sealed.
-    held: Vec<Vec<u8>>,
-    /// `CHUNK_HEADER` placeholder bytes, then the plaintext gathered so far.
-    chunk: Vec<u8>,
-    buffers: ChunkBuffers,
-    /// The index of the first held chunk.
+    /// The chunks gathered for the next sealing job.
+    hold: Hold,
+    buffers: AlignedBuffers,
+    /// The index of the first chunk in `hold`.
     index: u32,
+    /// Bytes of the file before `hold`'s.
+    offset: u64,
     len: u64,
+}
+
+/// Chunks laid out as in the file: `lead` bytes of room (see [`BlobFile::write`]), the
+/// header if the blob starts here, then for each chunk its length, its text and room for
+/// its tag. The last chunk's tag room is added when it is sealed.
+struct Hold {
+    buf: AlignedBuf,
+    lead: usize,
+    /// Where the blob's header starts, if it is in this hold.
+    header: bool,
+    /// Where the text of the chunk being filled starts.
+    text_start: usize,
+    /// Chunks in the hold, counting the one being filled.
+    chunks: usize,
+}
+
+/// Bytes a hold needs at most: room for the lead, the header, its chunks sealed.
+const HOLD_BYTES: usize =
+    ALIGN + MAGIC_V2.len() + HOLD_CHUNKS * (CHUNK_HEADER + CHUNK_BYTES + TAG_BYTES);
+
+impl Hold {
+    fn new(buffers: &AlignedBuffers, offset: u64) -> Hold {
+        let lead = BlobFile::lead_for(offset);
+        let mut buf = buffers.take(HOLD_BYTES);
+        buf.push_zeros(lead);
+        let header = offset == 0;
+        if header {
+            buf.push(MAGIC_V2);
+        }
+        buf.push_zeros(CHUNK_HEADER);
+        let text_start = buf.len();
+        Hold {
+            buf,
+            lead,
+            header,
+            text_start,
+            chunks: 1,
+        }
+    }
+
+    /// Text bytes in the chunk being filled.
+    fn text_len(&self) -> usize {
+        self.buf.len() - self.text_start
+    }
+
+    /// Closes the full chunk being filled and starts the next one.
+    fn next_chunk(&mut self) {
+        self.buf.push_zeros(TAG_BYTES + CHUNK_HEADER);
+        self.text_start = self.buf.len();
+        self.chunks += 1;
+    }
+
+    /// Bytes this hold adds to the file once sealed.
+    fn sealed_len(&self) -> u64 {
+        (self.buf.len() - self.lead + TAG_BYTES) as u64
+    }
 }
 
 /// What a sealing job owns.
 struct Sealer {
     /// `None` until the first job makes it.
-    file: Option<std::fs::File>,
+    file: Option<BlobFile>,
     cipher: ChunkCipher,
 }
 
-/// A sealing job's result: the sealer and its chunk buffers back, or what failed.
-type SealOutcome = Result<(Sealer, Vec<Vec<u8>>), BlobError>;
+/// A sealing job's result: the sealer and the hold's buffer back, or what failed.
+type SealOutcome = Result<(Sealer, AlignedBuf), BlobError>;
 
 /// Bytes in front of each sealed chunk: its length.
 const CHUNK_HEADER: usize = 4;
@@ -369,16 +408,15 @@ impl BlobWriter {
     /// Appends plaintext.
     pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), BlobError> {
         while !bytes.is_empty() {
-            let room = CHUNK_HEADER + CHUNK_BYTES - self.chunk.len();
-            let take = room.min(bytes.len());
-            self.chunk.extend_from_slice(&bytes[..take]);
+            let take = (CHUNK_BYTES - self.hold.text_len()).min(bytes.len());
+            self.hold.buf.push(&bytes[..take]);
             self.len += take as u64;
             bytes = &bytes[take..];
-            if self.chunk.len() == CHUNK_HEADER + CHUNK_BYTES {
-                let full = std::mem::replace(&mut self.chunk, self.buffers.take());
-                self.held.push(full);
-                if self.held.len() == HOLD_CHUNKS {
+            if self.hold.text_len() == CHUNK_BYTES {
+                if self.hold.chunks == HOLD_CHUNKS {
                     self.seal_held().await?;
+                } else {
+                    self.hold.next_chunk();
                 }
             }
         }
@@ -395,15 +433,15 @@ impl BlobWriter {
         self.len == 0
     }
 
-    /// Seals the last chunk, syncs the file, moves it into place and syncs the folder.
-    /// Returns what the queue item must keep to read it back.
+    /// Seals and writes the last chunk and syncs the file and its folder. Returns what the
+    /// queue item must keep to read it back.
     pub async fn finish(self) -> Result<BlobRef, BlobError> {
         self.finish_alongside(std::future::ready(())).await.0
     }
 
-    /// Seals the last chunk and moves the blob into place, where readers can open it; then
-    /// runs `alongside` (typically committing the record that names the blob) while the file
-    /// and its folder are synced, so the two waits for the disk overlap.
+    /// Seals and writes the last chunk, so readers can open the whole blob; then runs
+    /// `alongside` (typically committing the record that names the blob) while the file and
+    /// its folder are synced, so the two waits for the disk overlap.
     ///
     /// Returns the blob's outcome and `alongside`'s output, which is `None` if the blob
     /// failed before `alongside` started. The blob is durable only when the first is `Ok`:
@@ -413,7 +451,7 @@ impl BlobWriter {
         mut self,
         alongside: impl std::future::Future<Output = T>,
     ) -> (Result<BlobRef, BlobError>, Option<T>) {
-        let path = self.dir.join(&self.name);
+        let path = self.path.clone();
         let sealer = match self.settle().await {
             Ok(sealer) => sealer,
             Err(err) => {
@@ -421,49 +459,36 @@ impl BlobWriter {
                 return (Err(err), None);
             }
         };
-        let last = std::mem::take(&mut self.chunk);
-        let mut chunks = std::mem::take(&mut self.held);
-        chunks.push(last);
+        let hold = std::mem::replace(&mut self.hold, Hold::new(&self.buffers, 0));
         let index = self.index;
-        let (tmp, target) = (self.tmp.clone(), path.clone());
-        let (renamed_tx, renamed) = tokio::sync::oneshot::channel();
-        // One job seals and writes what is left, renames the blob into place, and syncs
-        // it; once it is in place `alongside` runs while the sync goes on.
+        let target = path.clone();
+        let (written_tx, written) = tokio::sync::oneshot::channel();
+        // One job seals and writes what is left and syncs the file and the folder; once
+        // every byte is written `alongside` runs while the syncs go on.
         let job = tokio::task::spawn_blocking(move || {
-            let (sealer, buffers) = seal_and_write(sealer, chunks, index, true, &tmp)?;
+            let (sealer, buf) = seal_and_write(sealer, hold, index, true, &target)?;
             let file = sealer
                 .file
-                .ok_or_else(|| damaged(&tmp, "the sealing job made no file"))?;
-            std::fs::rename(&tmp, &target).map_err(|source| BlobError::Io {
-                path: target.clone(),
-                source,
-            })?;
-            let _ = renamed_tx.send(());
-            file.sync_data().map_err(|source| BlobError::Io {
+                .ok_or_else(|| damaged(&target, "the sealing job made no file"))?;
+            let _ = written_tx.send(());
+            file.sync().map_err(|source| BlobError::Io {
                 path: target.clone(),
                 source,
             })?;
             let dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
             sync_dir(&dir).map_err(|source| BlobError::Io { path: dir, source })?;
-            Ok(buffers)
+            Ok(buf)
         });
-        if renamed.await.is_err() {
+        if written.await.is_err() {
             let failed = joined(job.await, &path).err().unwrap_or_else(|| {
-                damaged(
-                    &path,
-                    "the sealing job ended without moving the blob into place",
-                )
+                damaged(&path, "the sealing job ended without writing the blob")
             });
-            // The rename may or may not have happened: remove whichever name is left.
             let _ = tokio::fs::remove_file(&path).await;
-            let _ = tokio::fs::remove_file(&self.tmp).await;
             return (Err(failed), None);
         }
         let (done, output) = tokio::join!(job, alongside);
-        let blob = joined(done, &path).map(|buffers| {
-            for buffer in buffers {
-                self.buffers.give_back(buffer);
-            }
+        let blob = joined(done, &path).map(|buf| {
+            self.buffers.give_back(buf);
             BlobRef {
                 name: self.name,
                 key: self.key,
@@ -476,88 +501,89 @@ impl BlobWriter {
     /// Throws the blob away.
     pub async fn abort(mut self) {
         let _ = self.settle().await;
-        self.buffers.give_back(std::mem::take(&mut self.chunk));
-        for buffer in std::mem::take(&mut self.held) {
-            self.buffers.give_back(buffer);
-        }
         self.sealer = None;
-        let _ = tokio::fs::remove_file(&self.tmp).await;
+        let _ = tokio::fs::remove_file(&self.path).await;
     }
 
     /// Waits for the sealing job in flight, if any, and takes back the sealer.
     async fn settle(&mut self) -> Result<Sealer, BlobError> {
         if let Some(job) = self.sealing.take() {
-            let (sealer, buffers) = joined(job.await, &self.tmp)?;
-            for buffer in buffers {
-                self.buffers.give_back(buffer);
-            }
+            let (sealer, buf) = joined(job.await, &self.path)?;
+            self.buffers.give_back(buf);
             return Ok(sealer);
         }
         self.sealer
             .take()
-            .ok_or_else(|| damaged(&self.tmp, "an earlier write to this blob failed"))
+            .ok_or_else(|| damaged(&self.path, "an earlier write to this blob failed"))
     }
 
-    /// Hands the held chunks to a blocking job that seals and writes them. Waits only for
-    /// the previous job.
+    /// Hands the full hold to a blocking job that seals and writes it, and starts the
+    /// next. Waits only for the previous job.
     async fn seal_held(&mut self) -> Result<(), BlobError> {
         let sealer = self.settle().await?;
         let index = self.index;
-        self.index = u32::try_from(self.held.len())
+        self.index = u32::try_from(self.hold.chunks)
             .ok()
             .and_then(|n| self.index.checked_add(n))
-            .ok_or_else(|| damaged(&self.tmp, "blob too large"))?;
-        let chunks = std::mem::replace(&mut self.held, Vec::with_capacity(HOLD_CHUNKS));
-        let tmp = self.tmp.clone();
+            .ok_or_else(|| damaged(&self.path, "blob too large"))?;
+        self.offset += self.hold.sealed_len();
+        let next = Hold::new(&self.buffers, self.offset);
+        let hold = std::mem::replace(&mut self.hold, next);
+        let path = self.path.clone();
         self.sealing = Some(tokio::task::spawn_blocking(move || {
-            seal_and_write(sealer, chunks, index, false, &tmp)
+            seal_and_write(sealer, hold, index, false, &path)
         }));
         Ok(())
     }
 }
 
-/// Seals `chunks` (each its header bytes, then plaintext; the first has index `index`, and
-/// the final one is the blob's last when `ends_blob`) in place and writes them, making the
-/// file first if this is the blob's first job. Returns the sealer and the emptied buffers.
+/// Seals the chunks of `hold` in place (the first has index `index`, and the final one is
+/// the blob's last when `ends_blob`) and writes them, making the file first if the blob
+/// starts here. Returns the sealer and the hold's buffer.
 fn seal_and_write(
     mut sealer: Sealer,
-    mut chunks: Vec<Vec<u8>>,
+    mut hold: Hold,
     index: u32,
     ends_blob: bool,
-    tmp: &Path,
+    path: &Path,
 ) -> SealOutcome {
     let io = |source| BlobError::Io {
-        path: tmp.to_owned(),
+        path: path.to_owned(),
         source,
     };
     let mut file = match sealer.file.take() {
         Some(file) => file,
-        None => {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(tmp)
-                .map_err(io)?;
-            file.write_all(MAGIC_V2).map_err(io)?;
-            file
-        }
+        None => BlobFile::create(path).map_err(io)?,
     };
-    let count = chunks.len();
-    for (offset, chunk) in chunks.iter_mut().enumerate() {
-        let last = ends_blob && offset + 1 == count;
+    hold.buf.push_zeros(TAG_BYTES);
+    let bytes = hold.buf.filled_mut();
+    let mut at = hold.lead + if hold.header { MAGIC_V2.len() } else { 0 };
+    for offset in 0..hold.chunks {
+        let final_chunk = offset + 1 == hold.chunks;
+        let text_len = if final_chunk {
+            bytes.len() - at - CHUNK_HEADER - TAG_BYTES
+        } else {
+            CHUNK_BYTES
+        };
+        let text = at + CHUNK_HEADER..at + CHUNK_HEADER + text_len;
         let chunk_index = index.wrapping_add(offset as u32);
         let tag = sealer
             .cipher
-            .seal(chunk_index, last, &mut chunk[CHUNK_HEADER..])
-            .map_err(|()| damaged(tmp, "sealing failed"))?;
-        let sealed_len = (chunk.len() - CHUNK_HEADER + TAG_BYTES) as u32;
-        chunk[..CHUNK_HEADER].copy_from_slice(&sealed_len.to_be_bytes());
-        chunk.extend_from_slice(&tag);
-        file.write_all(chunk).map_err(io)?;
-        chunk.truncate(CHUNK_HEADER);
+            .seal(
+                chunk_index,
+                ends_blob && final_chunk,
+                &mut bytes[text.clone()],
+            )
+            .map_err(|()| damaged(path, "sealing failed"))?;
+        let sealed_len = (text_len + TAG_BYTES) as u32;
+        bytes[at..at + CHUNK_HEADER].copy_from_slice(&sealed_len.to_be_bytes());
+        bytes[text.end..text.end + TAG_BYTES].copy_from_slice(&tag);
+        at = text.end + TAG_BYTES;
     }
+    file.write(&mut hold.buf, hold.lead, ends_blob)
+        .map_err(io)?;
     sealer.file = Some(file);
-    Ok((sealer, chunks))
+    Ok((sealer, hold.buf))
 }
 
 /// The result of a blocking job, with a panicked or cancelled job as an I/O error.
@@ -672,13 +698,13 @@ fn damaged(path: &Path, problem: &str) -> BlobError {
     }
 }
 
-/// Makes a rename durable: on Unix the folder's entry must be synced too.
+/// Makes a new file's name durable: on Unix the folder's entry must be synced too.
 #[cfg(unix)]
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Windows cannot open a folder as a file; NTFS journals the rename itself.
+/// Windows cannot open a folder as a file; NTFS journals the new name itself.
 #[cfg(not(unix))]
 fn sync_dir(_dir: &Path) -> std::io::Result<()> {
     Ok(())
@@ -832,12 +858,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let mut writer = store.create().await.unwrap();
-        writer.write(b"half an instance").await.unwrap();
+        writer
+            .write(&vec![1u8; HOLD_CHUNKS * CHUNK_BYTES + 1])
+            .await
+            .unwrap();
         writer.abort().await;
-        let _left = store.create().await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs")).unwrap().count(),
+            0
+        );
+
+        // One still being written is listed: the orphan sweep spares it by its age.
+        // Two holds' worth: the second waits for the first job, which made the file.
+        let mut left = store.create().await.unwrap();
+        left.write(&vec![2u8; 2 * HOLD_CHUNKS * CHUNK_BYTES])
+            .await
+            .unwrap();
+        // What an earlier version left unfinished under tmp/ is removed once stale.
+        std::fs::create_dir(dir.path().join("blobs/tmp")).unwrap();
+        std::fs::write(dir.path().join("blobs/tmp/old.blob"), b"partial").unwrap();
         assert_eq!(
             store.list(std::time::Duration::ZERO).await.unwrap(),
-            Vec::<String>::new()
+            vec![left.name().to_owned()]
         );
         assert_eq!(
             std::fs::read_dir(dir.path().join("blobs/tmp"))
@@ -845,5 +887,6 @@ mod tests {
                 .count(),
             0
         );
+        left.abort().await;
     }
 }

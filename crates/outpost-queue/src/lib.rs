@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blob;
+mod blob_file;
 mod codec;
 mod error;
 mod read;

@@ -115,6 +115,10 @@ pub enum BenchTarget {
         /// Associations at once in the second round (storescp runs with --fork there).
         #[arg(long, default_value_t = 4)]
         associations: usize,
+        /// Timed rounds per side, storescp and agent taking turns; each side's best counts,
+        /// so a stall of the machine in one round decides nothing.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// The Python that has pydicom (to make the instances).
         #[arg(long, default_value = "python3")]
         python: String,
@@ -174,8 +178,9 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             instances,
             size,
             associations,
+            rounds,
             python,
-        } => dicom::run(instances, size, associations, &python).await,
+        } => dicom::run(instances, size, associations, rounds, &python).await,
     }
 }
 
