@@ -14,6 +14,7 @@
 pub mod command;
 mod error;
 pub mod part10;
+mod pdata;
 pub mod scp;
 pub mod scu;
 pub mod stow;

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::command::{self, field, trim_uid, Command, VERIFICATION_SOP_CLASS};
 use crate::error::{chain, DicomError};
 use crate::part10::{attributes_from_dataset_prefix, part10_header, ATTRIBUTE_PREFIX_BYTES};
+use crate::pdata::{self, next_pdu, Incoming, Pdv, ReadError};
 use crate::{status, IncomingInstance, InstanceStore, InstanceWriter, StoreStatus};
 
 /// The storage SCP's settings.
@@ -367,7 +368,7 @@ impl<S: InstanceStore> Session<S> {
                     None => std::future::pending().await,
                 }
             };
-            // receive() is cancel-safe: partial PDUs stay in dicom-ul's read buffer.
+            // next_pdu is cancel-safe: partial PDUs stay in the association's read buffer.
             let received = tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if deadline.is_none() => continue,
@@ -377,15 +378,34 @@ impl<S: InstanceStore> Session<S> {
                         self.config.timeout
                     ));
                 }
-                received = self.assoc.receive() => received,
+                received = next_pdu(&mut self.assoc, self.config.max_pdu, self.config.timeout) => received,
             };
             let pdu = match received {
-                Ok(pdu) => pdu,
-                Err(e) => return Ending::Failed(self.describe_receive_error(&e)),
+                Ok(Incoming::PData(items)) => {
+                    let values = match pdata::values(&items) {
+                        Ok(values) => values,
+                        Err(why) => return Ending::Failed(format!("malformed PDU: {why}")),
+                    };
+                    for pdv in values {
+                        if let Err(why) = self.on_pdv(pdv).await {
+                            return Ending::Failed(why);
+                        }
+                    }
+                    continue;
+                }
+                Ok(Incoming::Other(pdu)) => pdu,
+                Err(e) => return Ending::Failed(self.describe_read_error(e)),
             };
             match pdu {
+                // Read here only if dicom-ul's own reader met one (it never should).
                 Pdu::PData { data } => {
-                    for pdv in data {
+                    for value in &data {
+                        let pdv = Pdv {
+                            pc_id: value.presentation_context_id,
+                            command: value.value_type == PDataValueType::Command,
+                            last: value.is_last,
+                            data: &value.data,
+                        };
                         if let Err(why) = self.on_pdv(pdv).await {
                             return Ending::Failed(why);
                         }
@@ -405,40 +425,44 @@ impl<S: InstanceStore> Session<S> {
         }
     }
 
-    fn describe_receive_error(&self, e: &dicom_ul::association::Error) -> String {
+    fn describe_read_error(&self, e: ReadError) -> String {
         use dicom_ul::association::Error;
         match e {
-            Error::Timeout { .. } => {
+            ReadError::Timeout(timeout) => {
+                format!("nothing received within {timeout:?} (read timeout)")
+            }
+            ReadError::Closed => "connection closed by peer".into(),
+            ReadError::Malformed(why) => format!("malformed PDU: {why}"),
+            ReadError::Io(err) => format!("reading from the connection: {err}"),
+            ReadError::Ul(Error::Timeout { .. }) => {
                 format!("no PDU within {:?} (read timeout)", self.config.timeout)
             }
-            Error::ConnectionClosed { .. } => "connection closed by peer".into(),
-            Error::ReceivePdu { .. } => format!("malformed PDU: {}", chain(e)),
-            _ => chain(e),
+            ReadError::Ul(Error::ConnectionClosed { .. }) => "connection closed by peer".into(),
+            ReadError::Ul(e @ Error::ReceivePdu { .. }) => format!("malformed PDU: {}", chain(&e)),
+            ReadError::Ul(e) => chain(&e),
         }
     }
 
-    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<(), String> {
-        match pdv.value_type {
-            PDataValueType::Command => {
-                if let Some(flight) = &self.current {
-                    return Err(format!(
-                        "command fragment on presentation context {} while the data set of sop instance {} was still arriving",
-                        pdv.presentation_context_id, flight.sop_instance_uid
-                    ));
-                }
-                self.command.extend_from_slice(&pdv.data);
-                if self.command.len() > MAX_COMMAND_BYTES {
-                    return Err(format!("command set longer than {MAX_COMMAND_BYTES} bytes"));
-                }
-                if !pdv.is_last {
-                    return Ok(());
-                }
-                let bytes = std::mem::take(&mut self.command);
-                let command = command::decode(&bytes).map_err(|e| e.to_string())?;
-                self.on_command(pdv.presentation_context_id, command).await
-            }
-            PDataValueType::Data => self.on_data(pdv).await,
+    async fn on_pdv(&mut self, pdv: Pdv<'_>) -> Result<(), String> {
+        if !pdv.command {
+            return self.on_data(pdv).await;
         }
+        if let Some(flight) = &self.current {
+            return Err(format!(
+                "command fragment on presentation context {} while the data set of sop instance {} was still arriving",
+                pdv.pc_id, flight.sop_instance_uid
+            ));
+        }
+        self.command.extend_from_slice(pdv.data);
+        if self.command.len() > MAX_COMMAND_BYTES {
+            return Err(format!("command set longer than {MAX_COMMAND_BYTES} bytes"));
+        }
+        if !pdv.last {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.command);
+        let command = command::decode(&bytes).map_err(|e| e.to_string())?;
+        self.on_command(pdv.pc_id, command).await
     }
 
     async fn on_command(&mut self, pc_id: u8, command: Command) -> Result<(), String> {
@@ -604,18 +628,18 @@ impl<S: InstanceStore> Session<S> {
         }
     }
 
-    async fn on_data(&mut self, pdv: PDataValue) -> Result<(), String> {
+    async fn on_data(&mut self, pdv: Pdv<'_>) -> Result<(), String> {
         let max_instance_bytes = self.config.max_instance_bytes;
         let Some(flight) = self.current.as_mut() else {
             return Err(format!(
                 "data set fragment on presentation context {} without a C-STORE-RQ",
-                pdv.presentation_context_id
+                pdv.pc_id
             ));
         };
-        if pdv.presentation_context_id != flight.pc_id {
+        if pdv.pc_id != flight.pc_id {
             return Err(format!(
                 "data set fragment for sop instance {} on presentation context {} instead of {}",
-                flight.sop_instance_uid, pdv.presentation_context_id, flight.pc_id
+                flight.sop_instance_uid, pdv.pc_id, flight.pc_id
             ));
         }
         flight.bytes += pdv.data.len() as u64;
@@ -632,7 +656,7 @@ impl<S: InstanceStore> Session<S> {
             .prefix
             .extend_from_slice(&pdv.data[..room.min(pdv.data.len())]);
         if let Some(writer) = flight.writer.as_mut() {
-            if let Err(refusal) = writer.write(&pdv.data).await {
+            if let Err(refusal) = writer.write(pdv.data).await {
                 debug!(peer = %self.peer, calling_ae = %self.calling_ae,
                     "writing sop instance {} failed after {} bytes: {:#06x} {}; reading and dropping the rest",
                     flight.sop_instance_uid, flight.bytes, refusal.code, refusal.comment);
@@ -642,7 +666,7 @@ impl<S: InstanceStore> Session<S> {
                 flight.refusal = Some(refusal);
             }
         }
-        if !pdv.is_last {
+        if !pdv.last {
             return Ok(());
         }
         match self.current.take() {

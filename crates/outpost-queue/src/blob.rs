@@ -295,6 +295,17 @@ impl Hold {
         }
     }
 
+    /// A stand-in for a hold moved out of a writer that is finishing.
+    fn empty() -> Hold {
+        Hold {
+            buf: AlignedBuf::empty(),
+            lead: 0,
+            header: false,
+            text_start: 0,
+            chunks: 0,
+        }
+    }
+
     /// Text bytes in the chunk being filled.
     fn text_len(&self) -> usize {
         self.buf.len() - self.text_start
@@ -459,7 +470,7 @@ impl BlobWriter {
                 return (Err(err), None);
             }
         };
-        let hold = std::mem::replace(&mut self.hold, Hold::new(&self.buffers, 0));
+        let hold = std::mem::replace(&mut self.hold, Hold::empty());
         let index = self.index;
         let target = path.clone();
         let (written_tx, written) = tokio::sync::oneshot::channel();
@@ -502,6 +513,8 @@ impl BlobWriter {
     pub async fn abort(mut self) {
         let _ = self.settle().await;
         self.sealer = None;
+        self.buffers
+            .give_back(std::mem::replace(&mut self.hold, Hold::empty()).buf);
         let _ = tokio::fs::remove_file(&self.path).await;
     }
 

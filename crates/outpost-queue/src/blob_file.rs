@@ -48,6 +48,16 @@ impl AlignedBuf {
         }
     }
 
+    /// A buffer of no bytes, which allocates nothing: a stand-in for one moved out.
+    pub(crate) fn empty() -> AlignedBuf {
+        AlignedBuf {
+            raw: Vec::new(),
+            start: 0,
+            capacity: 0,
+            len: 0,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -104,6 +114,9 @@ impl AlignedBuffers {
     }
 
     pub(crate) fn give_back(&self, buf: AlignedBuf) {
+        if buf.capacity == 0 {
+            return;
+        }
         if let Ok(mut kept) = self.0.lock() {
             if kept.len() < KEPT_BUFFERS {
                 kept.push(buf);
