@@ -29,7 +29,7 @@ use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
-use crate::blob_file::{AlignedBuf, AlignedBuffers, BlobFile, ALIGN};
+use crate::blob_file::{AlignedBuf, AlignedBuffers, BlobFile, FolderSync, ALIGN};
 
 use tokio::io::AsyncReadExt;
 
@@ -83,6 +83,7 @@ pub struct BlobRef {
 pub struct BlobStore {
     dir: PathBuf,
     buffers: AlignedBuffers,
+    folder: std::sync::Arc<FolderSync>,
 }
 
 /// Full chunks gathered before they are handed to a sealing job (1 MiB). A blob up to
@@ -102,6 +103,7 @@ impl BlobStore {
             source,
         })?;
         Ok(BlobStore {
+            folder: std::sync::Arc::new(FolderSync::new(&dir)),
             dir,
             buffers: AlignedBuffers::default(),
         })
@@ -126,6 +128,7 @@ impl BlobStore {
             key,
             hold: Hold::new(&self.buffers, 0),
             buffers: self.buffers.clone(),
+            folder: self.folder.clone(),
             index: 0,
             offset: 0,
             len: 0,
@@ -250,6 +253,7 @@ pub struct BlobWriter {
     /// The chunks gathered for the next sealing job.
     hold: Hold,
     buffers: AlignedBuffers,
+    folder: std::sync::Arc<FolderSync>,
     /// The index of the first chunk in `hold`.
     index: u32,
     /// Bytes of the file before `hold`'s.
@@ -473,11 +477,13 @@ impl BlobWriter {
         let hold = std::mem::replace(&mut self.hold, Hold::empty());
         let index = self.index;
         let target = path.clone();
+        let (made_tx, made) = tokio::sync::oneshot::channel();
         let (written_tx, written) = tokio::sync::oneshot::channel();
-        // One job seals and writes what is left and syncs the file and the folder; once
-        // every byte is written `alongside` runs while the syncs go on.
+        // One job seals and writes what is left and syncs the file. The folder is synced
+        // (for the blob's new name) as soon as the file exists, beside the writing; once
+        // every byte is written `alongside` runs too, so the waits for the disk overlap.
         let job = tokio::task::spawn_blocking(move || {
-            let (sealer, buf) = seal_and_write(sealer, hold, index, true, &target)?;
+            let (sealer, buf) = seal_and_write(sealer, hold, index, true, &target, Some(made_tx))?;
             let file = sealer
                 .file
                 .ok_or_else(|| damaged(&target, "the sealing job made no file"))?;
@@ -486,9 +492,16 @@ impl BlobWriter {
                 path: target.clone(),
                 source,
             })?;
-            let dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
-            sync_dir(&dir).map_err(|source| BlobError::Io { path: dir, source })?;
             Ok(buf)
+        });
+        let (folder, dir) = (self.folder.clone(), self.path.clone());
+        let folder_synced = tokio::spawn(async move {
+            made.await
+                .map_err(|_| damaged(&dir, "the sealing job made no file"))?;
+            folder.sync().await.map_err(|source| BlobError::Io {
+                path: dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+                source,
+            })
         });
         if written.await.is_err() {
             let failed = joined(job.await, &path).err().unwrap_or_else(|| {
@@ -497,15 +510,17 @@ impl BlobWriter {
             let _ = tokio::fs::remove_file(&path).await;
             return (Err(failed), None);
         }
-        let (done, output) = tokio::join!(job, alongside);
-        let blob = joined(done, &path).map(|buf| {
-            self.buffers.give_back(buf);
-            BlobRef {
-                name: self.name,
-                key: self.key,
-                len: self.len,
-            }
-        });
+        let (done, output, folder_done) = tokio::join!(job, alongside, folder_synced);
+        let blob = joined(done, &path)
+            .and_then(|buf| joined(folder_done, &path).map(|()| buf))
+            .map(|buf| {
+                self.buffers.give_back(buf);
+                BlobRef {
+                    name: self.name,
+                    key: self.key,
+                    len: self.len,
+                }
+            });
         (blob, Some(output))
     }
 
@@ -544,7 +559,7 @@ impl BlobWriter {
         let hold = std::mem::replace(&mut self.hold, next);
         let path = self.path.clone();
         self.sealing = Some(tokio::task::spawn_blocking(move || {
-            seal_and_write(sealer, hold, index, false, &path)
+            seal_and_write(sealer, hold, index, false, &path, None)
         }));
         Ok(())
     }
@@ -552,13 +567,15 @@ impl BlobWriter {
 
 /// Seals the chunks of `hold` in place (the first has index `index`, and the final one is
 /// the blob's last when `ends_blob`) and writes them, making the file first if the blob
-/// starts here. Returns the sealer and the hold's buffer.
+/// starts here (and telling `made` once it exists). Returns the sealer and the hold's
+/// buffer.
 fn seal_and_write(
     mut sealer: Sealer,
     mut hold: Hold,
     index: u32,
     ends_blob: bool,
     path: &Path,
+    made: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> SealOutcome {
     let io = |source| BlobError::Io {
         path: path.to_owned(),
@@ -568,6 +585,9 @@ fn seal_and_write(
         Some(file) => file,
         None => BlobFile::create(path).map_err(io)?,
     };
+    if let Some(made) = made {
+        let _ = made.send(());
+    }
     hold.buf.push_zeros(TAG_BYTES);
     let bytes = hold.buf.filled_mut();
     let mut at = hold.lead + if hold.header { MAGIC_V2.len() } else { 0 };
@@ -709,18 +729,6 @@ fn damaged(path: &Path, problem: &str) -> BlobError {
         path: path.to_owned(),
         problem: problem.to_owned(),
     }
-}
-
-/// Makes a new file's name durable: on Unix the folder's entry must be synced too.
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Windows cannot open a folder as a file; NTFS journals the new name itself.
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]

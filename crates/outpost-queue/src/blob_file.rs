@@ -234,6 +234,116 @@ impl BlobFile {
     }
 }
 
+/// Syncs a folder for many writers at once, so new names in it are durable. A writer that
+/// asks while a sync is under way waits for the next one, which covers every request made
+/// before it started: one writer at a time gets a sync each, and writers on several
+/// associations share one.
+#[derive(Debug)]
+pub(crate) struct FolderSync {
+    dir: PathBuf,
+    state: Mutex<FolderState>,
+    done: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct FolderState {
+    /// Requests made so far.
+    requested: u64,
+    /// Every request up to this one is covered by a sync that succeeded.
+    covered: u64,
+    running: bool,
+}
+
+impl FolderSync {
+    pub(crate) fn new(dir: &Path) -> FolderSync {
+        FolderSync {
+            dir: dir.to_owned(),
+            state: Mutex::new(FolderState::default()),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FolderState> {
+        // The state is plain counters, consistent after any panic.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Returns once a sync of the folder that started after this call has succeeded.
+    pub(crate) async fn sync(&self) -> std::io::Result<()> {
+        let ticket = {
+            let mut state = self.state();
+            state.requested += 1;
+            state.requested
+        };
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let covers = {
+                let mut state = self.state();
+                if state.covered >= ticket {
+                    return Ok(());
+                }
+                if state.running {
+                    None
+                } else {
+                    state.running = true;
+                    Some(state.requested)
+                }
+            };
+            let Some(covers) = covers else {
+                notified.await;
+                continue;
+            };
+            let mut running = Running {
+                folder: self,
+                covers,
+                succeeded: false,
+            };
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || sync_dir(&dir))
+                .await
+                .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))?;
+            running.succeeded = true;
+        }
+    }
+}
+
+/// The sync under way: however it ends (even cancelled), the next may start and waiters
+/// look again.
+struct Running<'a> {
+    folder: &'a FolderSync,
+    covers: u64,
+    succeeded: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.folder.state();
+            state.running = false;
+            if self.succeeded {
+                state.covered = state.covered.max(self.covers);
+            }
+        }
+        self.folder.done.notify_waiters();
+    }
+}
+
+/// Makes new names in `dir` durable: on Unix the folder itself must be synced.
+#[cfg(unix)]
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Windows cannot open a folder as a file; NTFS journals new names itself.
+#[cfg(not(unix))]
+pub(crate) fn sync_dir(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Creates `path` for direct writes, or `None` where they are not available.
 #[cfg(target_os = "linux")]
 fn open_direct(path: &Path) -> std::io::Result<Option<File>> {
@@ -297,6 +407,33 @@ mod tests {
             assert_eq!(std::fs::read(&path).unwrap(), data, "size {size}");
         }
         assert!(BlobFile::create(&dir.path().join("f0")).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_at_once_share_folder_syncs_and_each_waits_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = std::sync::Arc::new(FolderSync::new(dir.path()));
+        let mut writers = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let folder = folder.clone();
+            writers.spawn(async move { folder.sync().await });
+        }
+        while let Some(result) = writers.join_next().await {
+            result.unwrap().unwrap();
+        }
+        {
+            let state = folder.state();
+            assert_eq!(state.requested, 32);
+            assert_eq!(state.covered, 32);
+            assert!(!state.running);
+        }
+
+        let gone = FolderSync::new(&dir.path().join("missing"));
+        assert!(gone.sync().await.is_err());
+        assert!(
+            !gone.state().running,
+            "a failed sync lets the next one start"
+        );
     }
 
     #[test]
