@@ -20,6 +20,9 @@ const P_DATA_TF: u8 = 0x04;
 const PDU_HEADER: usize = 6;
 /// Item length, presentation context, message control header.
 const PDV_HEADER: usize = 6;
+/// Buffer grown at most this much ahead of the bytes that arrive, so a PDU header that
+/// announces a large length costs memory only as its bytes come.
+const RESERVE_AHEAD: usize = 256 * 1024;
 
 /// One presentation data value: a fragment of a command or of a data set.
 #[derive(Debug, PartialEq, Eq)]
@@ -53,13 +56,15 @@ pub(crate) enum ReadError {
     Ul(dicom_ul::association::Error),
 }
 
-/// Reads the next PDU: P-DATA-TF here, any other through dicom-ul. Cancel-safe: bytes
-/// read stay in the association's buffer until a whole PDU is there.
+/// Reads the next PDU: P-DATA-TF here, any other through dicom-ul, within `timeout` for
+/// the whole PDU (so a peer trickling bytes cannot hold the association). Cancel-safe:
+/// bytes read stay in the association's buffer until a whole PDU is there.
 pub(crate) async fn next_pdu(
     assoc: &mut AsyncServerAssociation<TcpStream>,
     max_pdu: u32,
     timeout: Duration,
 ) -> Result<Incoming, ReadError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (socket, buffer) = assoc.get_mut();
         if buffer.len() >= PDU_HEADER {
@@ -84,9 +89,9 @@ pub(crate) async fn next_pdu(
                 let items = pdu.split_off(PDU_HEADER);
                 return Ok(Incoming::PData(items.freeze()));
             }
-            buffer.reserve(whole - buffer.len());
+            buffer.reserve((whole - buffer.len()).min(RESERVE_AHEAD));
         }
-        let read = tokio::time::timeout(timeout, socket.read_buf(buffer))
+        let read = tokio::time::timeout_at(deadline, socket.read_buf(buffer))
             .await
             .map_err(|_| ReadError::Timeout(timeout))?
             .map_err(ReadError::Io)?;

@@ -20,7 +20,9 @@
 //! it is stored. Nothing names a blob before its queue record commits, which happens only
 //! after every byte is written, so a reader never meets one still being written; one left
 //! half-written by a crash is named by nothing and is swept (see the agent's orphan
-//! sweep). Earlier versions wrote blobs under `blobs/tmp/` and renamed them; leftovers
+//! sweep). The record commits while the blob syncs, so a crash in between can leave a
+//! record naming a blob cut short: that instance was never acknowledged, and its reader
+//! reports the blob damaged rather than reading short data. Earlier versions wrote blobs under `blobs/tmp/` and renamed them; leftovers
 //! there are swept too.
 
 use std::path::{Path, PathBuf};

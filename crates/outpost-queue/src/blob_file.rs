@@ -142,10 +142,13 @@ impl BlobFile {
     pub(crate) fn create(path: &Path) -> std::io::Result<BlobFile> {
         let (file, direct) = match open_direct(path)? {
             Some(file) => (file, true),
+            // A refused direct open may already have made the file (the check comes after
+            // the create), so this open may find it; the name is random and new.
             None => (
                 std::fs::OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(true)
                     .open(path)?,
                 false,
             ),
@@ -221,16 +224,24 @@ impl BlobFile {
     }
 
     fn write_direct(&mut self, blocks: &[u8]) -> std::io::Result<()> {
-        match self.file.write_all(blocks) {
-            // A file system that opened the file for direct writes but refuses them: go on
-            // through the page cache. The refused write wrote nothing.
-            Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => {
-                self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
-                self.direct = false;
-                self.write_through(blocks)
+        let mut done = 0;
+        while done < blocks.len() {
+            match self.file.write(&blocks[done..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => done += written,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                // A file system that opened the file for direct writes but refuses them:
+                // go on through the page cache, appending what the refused write did not
+                // write (a refused write writes nothing; earlier ones in this loop may have).
+                Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => {
+                    self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+                    self.direct = false;
+                    return self.write_through(&blocks[done..]);
+                }
+                Err(err) => return Err(err),
             }
-            other => other,
         }
+        Ok(())
     }
 }
 
@@ -434,6 +445,34 @@ mod tests {
             !gone.state().running,
             "a failed sync lets the next one start"
         );
+    }
+
+    /// A direct write the file system refuses (here: one not a whole number of blocks,
+    /// which Linux refuses on any file system) goes on through the page cache, after the
+    /// blocks already written and without repeating them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_refused_direct_write_goes_on_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut file = BlobFile::create(&path).unwrap();
+        if !file.direct {
+            eprintln!("this file system refuses O_DIRECT at open; nothing to test");
+            return;
+        }
+        let buffers = AlignedBuffers::default();
+        let mut blocks = buffers.take(2 * ALIGN);
+        blocks.push(&[1; ALIGN]);
+        file.write_direct(blocks.filled()).unwrap();
+        assert!(file.direct);
+        let mut odd = buffers.take(ALIGN);
+        odd.push(&[2; 100]);
+        file.write_direct(odd.filled()).unwrap();
+        assert!(!file.direct, "fell back to the page cache");
+        file.sync().unwrap();
+        let mut expected = vec![1; ALIGN];
+        expected.extend_from_slice(&[2; 100]);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 
     #[test]

@@ -11,12 +11,18 @@ use crate::{wait_until_explained, Agent};
 /// How long a test waits for events before it fails, explaining what it saw.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Every line of the file as JSON (none if the file is not there yet); a line that is not
-/// JSON fails the test, naming it.
+/// Every complete line of the file as JSON (none if the file is not there yet); a line
+/// that is not JSON fails the test, naming it. A last line without its newline is still
+/// being written (or was cut short by a kill, and the sink cuts it off on restart), so it
+/// is not read.
 pub fn read_events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let complete = bytes
+        .iter()
+        .rposition(|byte| *byte == b'\n')
+        .map_or(&[][..], |end| &bytes[..end]);
+    let text = String::from_utf8_lossy(complete);
+    text.lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("line {line:?}: {err}")))
         .collect()

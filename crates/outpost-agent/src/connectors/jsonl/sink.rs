@@ -114,8 +114,9 @@ fn is_change_events(payload: &[u8]) -> bool {
         && lines.all(|line| line.first() == Some(&b'{') && line.last() == Some(&b'}'))
 }
 
-/// Appends `text` and fsyncs. A last line left unfinished by a crash (power loss) is ended
-/// first, so it never runs into the next one.
+/// Appends `text` and fsyncs. A last line left unfinished by a crash (kill -9 or power
+/// loss mid-write) is cut off first: its items were never recorded as delivered, so they
+/// are in `text` or a later batch, whole, and a reader never meets half an event.
 fn append_synced(path: &Path, text: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -126,18 +127,31 @@ fn append_synced(path: &Path, text: &[u8]) -> std::io::Result<()> {
         .append(true)
         .open(path)?;
     let len = file.metadata()?.len();
-    let mut out = Vec::with_capacity(text.len() + 1);
-    if len > 0 {
-        let mut last = [0u8; 1];
-        file.seek(SeekFrom::Start(len - 1))?;
-        file.read_exact(&mut last)?;
-        if last[0] != b'\n' {
-            out.push(b'\n');
-        }
+    let whole = end_of_last_line(&mut file, len)?;
+    if whole < len {
+        tracing::warn!(path = %path.display(), bytes = len - whole, "cutting off a line left unfinished by a crash; its items are written again whole");
+        file.set_len(whole)?;
     }
-    out.extend_from_slice(text);
-    file.write_all(&out)?;
+    file.write_all(text)?;
     file.sync_data()
+}
+
+/// Where the file's last complete line ends (after its newline; 0 if it has none).
+fn end_of_last_line(file: &mut std::fs::File, len: u64) -> std::io::Result<u64> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut block = vec![0u8; BLOCK as usize];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let piece = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(piece)?;
+        if let Some(at) = piece.iter().rposition(|byte| *byte == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -146,20 +160,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn appends_lines_and_ends_a_torn_one() {
+    fn appends_lines_and_cuts_off_a_torn_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out/events.jsonl");
+        let torn = |path: &Path, bytes: &[u8]| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap()
+                .write_all(bytes)
+                .unwrap();
+        };
         append_synced(&path, b"{\"a\":1}\n").unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(b"{\"torn")
-            .unwrap();
+        torn(&path, b"{\"torn");
         append_synced(&path, b"{\"b\":2}\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
-            "{\"a\":1}\n{\"torn\n{\"b\":2}\n"
+            "{\"a\":1}\n{\"b\":2}\n"
         );
+        // A torn line longer than the block read backwards, and a file that is only one.
+        let long = vec![b'x'; 200_000];
+        torn(&path, &long);
+        append_synced(&path, b"{\"c\":3}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
+        );
+        let only = dir.path().join("only.jsonl");
+        torn(&only, &long);
+        append_synced(&only, b"{\"d\":4}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&only).unwrap(), "{\"d\":4}\n");
     }
 }
