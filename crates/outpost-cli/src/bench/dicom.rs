@@ -57,13 +57,15 @@ pub async fn run(
     // Each round starts with nothing waiting to be written back: otherwise a round pays
     // for the gigabyte the round before left in the page cache (the agent's syncs wait
     // behind it; storescp never syncs).
-    // The two sides take turns for `rounds` rounds and each side's fastest round counts:
-    // this VM's speed drifts by a third within minutes (other tenants, memory reclaim, the
-    // file system's bookkeeping of recent deletes), and taking turns gives both sides the
-    // same chances. Every round writes a fresh folder; nothing is deleted until the end.
+    // The two sides take turns for `rounds` rounds and each side's median round counts
+    // (the best is printed too): this VM's speed drifts by a third or more within minutes
+    // (other tenants, memory reclaim, the file system's bookkeeping of recent deletes), and
+    // taking turns gives both sides the same chances; the median is not swayed by one lucky
+    // or unlucky round on either side. Every round writes a fresh folder; nothing is
+    // deleted until the end.
     let one = std::slice::from_ref(&files);
     eprintln!("one association: storescp and the agent, {rounds} rounds each…");
-    let (peer_one, agent_one) = best_rounds(rounds, |round| {
+    let one_rounds = take_turns(rounds, |round| {
         let (work, bindlo) = (work.path(), bindlo.as_path());
         async move {
             write_back_page_cache();
@@ -74,9 +76,9 @@ pub async fn run(
         }
     })
     .await?;
-    let (peer_many, agent_many) = if associations > 1 {
+    let many_rounds = if associations > 1 {
         eprintln!("{associations} associations at once: storescp --fork and the agent, {rounds} rounds each…");
-        let (peer, agent) = best_rounds(rounds, |round| {
+        let many_rounds = take_turns(rounds, |round| {
             let (work, bindlo, shares) = (work.path(), bindlo.as_path(), shares.as_slice());
             async move {
                 write_back_page_cache();
@@ -94,9 +96,9 @@ pub async fn run(
             }
         })
         .await?;
-        (Some(peer), Some(agent))
+        Some(many_rounds)
     } else {
-        (None, None)
+        None
     };
 
     // Forwarding: intake and forwarding overlap, as they do at a practice; the figure runs
@@ -123,23 +125,32 @@ pub async fn run(
         stop(&mut orthanc.process);
     }
 
+    let (peer_one, agent_one) = one_rounds.medians();
     let ratio_one = per_sec(agent_one) / per_sec(peer_one);
     println!(
-        "1 association: storescu -> storescp (plain files) {:.0} instances/s {:.1} MB/s | storescu -> agent (encrypted, durable before success) {:.0} instances/s {:.1} MB/s | ratio {ratio_one:.2}",
+        "1 association (median of {rounds}): storescu -> storescp (plain files) {:.0} instances/s {:.1} MB/s | storescu -> agent (encrypted, durable before success) {:.0} instances/s {:.1} MB/s | ratio {ratio_one:.2} | best rounds: storescp {:.0}, agent {:.0}, ratio {:.2}",
         per_sec(peer_one),
         mb_per_sec(peer_one),
         per_sec(agent_one),
         mb_per_sec(agent_one),
+        per_sec(one_rounds.best().0),
+        per_sec(one_rounds.best().1),
+        per_sec(one_rounds.best().1) / per_sec(one_rounds.best().0),
     );
-    let many = match (peer_many, agent_many) {
-        (Some(peer), Some(agent)) => {
+    let many = match &many_rounds {
+        Some(many_rounds) => {
+            let (peer, agent) = many_rounds.medians();
             let ratio = per_sec(agent) / per_sec(peer);
+            let (peer_best, agent_best) = many_rounds.best();
             println!(
-                "{associations} associations at once: storescp --fork {:.0} instances/s {:.1} MB/s | agent {:.0} instances/s {:.1} MB/s | ratio {ratio:.2}",
+                "{associations} associations at once (median of {rounds}): storescp --fork {:.0} instances/s {:.1} MB/s | agent {:.0} instances/s {:.1} MB/s | ratio {ratio:.2} | best rounds: storescp {:.0}, agent {:.0}, ratio {:.2}",
                 per_sec(peer),
                 mb_per_sec(peer),
                 per_sec(agent),
                 mb_per_sec(agent),
+                per_sec(peer_best),
+                per_sec(agent_best),
+                per_sec(agent_best) / per_sec(peer_best),
             );
             format!(
                 " | {associations} assoc: agent {:.0} inst/s, storescp --fork {:.0} inst/s, ratio {ratio:.2}",
@@ -147,14 +158,14 @@ pub async fn run(
                 per_sec(peer)
             )
         }
-        _ => String::new(),
+        None => String::new(),
     };
     match (forward, direct) {
         (Some(rate), Some(direct)) => println!("agent -> Orthanc (C-STORE): {rate:.0} instances/s from the first instance in to the last stored | storescu -> Orthanc: {direct:.0} instances/s"),
         _ => println!("agent -> Orthanc: skipped (no /usr/sbin/Orthanc)"),
     }
     println!(
-        "dicom: {instances} x {:.2} MB, best of {rounds} rounds | 1 assoc: agent {:.0} inst/s {:.1} MB/s, storescp {:.0} inst/s {:.1} MB/s{many} | forward {} inst/s (storescu to Orthanc {}) | ratio {ratio_one:.2}",
+        "dicom: {instances} x {:.2} MB, median of {rounds} rounds | 1 assoc: agent {:.0} inst/s {:.1} MB/s, storescp {:.0} inst/s {:.1} MB/s{many} | forward {} inst/s (storescu to Orthanc {}) | ratio {ratio_one:.2}",
         total_bytes as f64 / 1e6 / instances.max(1) as f64,
         per_sec(agent_one),
         mb_per_sec(agent_one),
@@ -185,13 +196,46 @@ fn split_into_shares(files: &Path, shares: &Path, count: usize) -> anyhow::Resul
     Ok(folders)
 }
 
-/// Runs `round` (storescp's time, then the agent's) `rounds` times; the best of each.
-async fn best_rounds<F, Fut>(rounds: usize, mut round: F) -> anyhow::Result<(Duration, Duration)>
+/// Each side's time in every round.
+struct Rounds {
+    peer: Vec<Duration>,
+    agent: Vec<Duration>,
+}
+
+impl Rounds {
+    /// The median round of each side: (storescp, agent).
+    fn medians(&self) -> (Duration, Duration) {
+        (median(&self.peer), median(&self.agent))
+    }
+
+    /// The fastest round of each side: (storescp, agent).
+    fn best(&self) -> (Duration, Duration) {
+        let fastest = |times: &[Duration]| times.iter().copied().min().unwrap_or(Duration::MAX);
+        (fastest(&self.peer), fastest(&self.agent))
+    }
+}
+
+/// The middle time (the mean of the two middle ones for an even count).
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    match sorted.len() {
+        0 => Duration::MAX,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2,
+    }
+}
+
+/// Runs `round` (storescp's time, then the agent's) `rounds` times.
+async fn take_turns<F, Fut>(rounds: usize, mut round: F) -> anyhow::Result<Rounds>
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(Duration, Duration)>>,
 {
-    let (mut peer_best, mut agent_best) = (Duration::MAX, Duration::MAX);
+    let mut times = Rounds {
+        peer: Vec::with_capacity(rounds),
+        agent: Vec::with_capacity(rounds),
+    };
     for index in 0..rounds {
         let (peer, agent) = round(index).await?;
         eprintln!(
@@ -200,10 +244,10 @@ where
             peer.as_secs_f64(),
             agent.as_secs_f64()
         );
-        peer_best = peer_best.min(peer);
-        agent_best = agent_best.min(agent);
+        times.peer.push(peer);
+        times.agent.push(agent);
     }
-    Ok((peer_best, agent_best))
+    Ok(times)
 }
 
 /// Writes every dirty page back to disk (`sync`), so timed rounds start alike.

@@ -115,9 +115,9 @@ pub enum BenchTarget {
         /// Associations at once in the second round (storescp runs with --fork there).
         #[arg(long, default_value_t = 4)]
         associations: usize,
-        /// Timed rounds per side, storescp and agent taking turns; each side's best counts,
-        /// so a stall of the machine in one round decides nothing.
-        #[arg(long, default_value_t = 3)]
+        /// Timed rounds per side, storescp and agent taking turns; each side's median
+        /// counts, so a stall (or a lucky spell) of the machine in one round decides nothing.
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// The Python that has pydicom (to make the instances).
         #[arg(long, default_value = "python3")]
