@@ -269,7 +269,7 @@ pub struct BlobWriter {
 struct Hold {
     buf: AlignedBuf,
     lead: usize,
-    /// Where the blob's header starts, if it is in this hold.
+    /// Whether the blob starts in this hold (and so its header comes first).
     header: bool,
     /// Where the text of the chunk being filled starts.
     text_start: usize,
