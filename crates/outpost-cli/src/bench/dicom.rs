@@ -59,18 +59,18 @@ pub async fn run(
     // behind it; storescp never syncs).
     // The two sides take turns for `rounds` rounds and each side's median round counts
     // (the best is printed too): this VM's speed drifts by a third or more within minutes
-    // (other tenants, memory reclaim, the file system's bookkeeping of recent deletes), and
-    // taking turns gives both sides the same chances; the median is not swayed by one lucky
-    // or unlucky round on either side. Every round writes a fresh folder; nothing is
-    // deleted until the end.
+    // (other tenants, the file system's bookkeeping of recent deletes), and taking turns
+    // gives both sides the same chances; the median is not swayed by one lucky or unlucky
+    // round on either side. Every round writes a fresh folder; nothing is deleted until the
+    // end. Each round starts as `prepare_round` says.
     let one = std::slice::from_ref(&files);
     eprintln!("one association: storescp and the agent, {rounds} rounds each…");
     let one_rounds = take_turns(rounds, |round| {
         let (work, bindlo) = (work.path(), bindlo.as_path());
         async move {
-            write_back_page_cache();
+            prepare_round(total_bytes);
             let peer = storescp_run(work, bindlo, false, &format!("storescp-{round}"), one).await?;
-            write_back_page_cache();
+            prepare_round(total_bytes);
             let agent = agent_run(work, &format!("intake-1-{round}"), None, one).await?;
             Ok((peer, agent))
         }
@@ -81,7 +81,7 @@ pub async fn run(
         let many_rounds = take_turns(rounds, |round| {
             let (work, bindlo, shares) = (work.path(), bindlo.as_path(), shares.as_slice());
             async move {
-                write_back_page_cache();
+                prepare_round(total_bytes);
                 let peer = storescp_run(
                     work,
                     bindlo,
@@ -90,7 +90,7 @@ pub async fn run(
                     shares,
                 )
                 .await?;
-                write_back_page_cache();
+                prepare_round(total_bytes);
                 let agent = agent_run(work, &format!("intake-n-{round}"), None, shares).await?;
                 Ok((peer, agent))
             }
@@ -250,7 +250,32 @@ where
     Ok(times)
 }
 
-/// Writes every dirty page back to disk (`sync`), so timed rounds start alike.
+/// Makes every timed round start alike: nothing left to write back, and memory for the
+/// round's page cache ready to use.
+fn prepare_round(round_bytes: u64) {
+    write_back_page_cache();
+    warm_memory(round_bytes.saturating_mul(3) / 2);
+}
+
+/// Touches, then frees, `bytes` of memory. A VM that hands freed memory back to its host
+/// (this one does) makes the next process to fill that much fresh page cache pay for
+/// faulting it back in: storescp, which writes through the page cache, ran at 420–480
+/// instances/s over one association after a quiet spell and at 630–780 right after memory
+/// had been touched and freed (the agent writes with `O_DIRECT`: 490–585 either way). A
+/// physical server has no such cost, so every round gets memory that is ready, which is
+/// the peer at its best.
+fn warm_memory(bytes: u64) {
+    let Ok(len) = usize::try_from(bytes) else {
+        return;
+    };
+    let mut memory = vec![0u8; len];
+    for page in memory.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&memory);
+}
+
+/// Writes every dirty page back to disk (`sync`), so no round pays for another's.
 #[cfg(unix)]
 fn write_back_page_cache() {
     if let Err(err) = Command::new("sync").status() {
