@@ -191,9 +191,7 @@ impl BlobFile {
         }
         // The kept bytes are the first `lead` bytes of this block; with them the buffer
         // starts on a block boundary of the file.
-        let kept = std::mem::take(&mut self.kept);
-        buf.filled_mut()[..lead].copy_from_slice(&kept);
-        self.kept = kept;
+        buf.filled_mut()[..lead].copy_from_slice(&self.kept);
         self.kept.clear();
         let whole = buf.len() - buf.len() % ALIGN;
         if whole > 0 {

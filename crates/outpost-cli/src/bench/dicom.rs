@@ -125,32 +125,36 @@ pub async fn run(
         stop(&mut orthanc.process);
     }
 
+    let best_rounds = |times: &Rounds| {
+        let (peer, agent) = times.best();
+        format!(
+            "best rounds: storescp {:.0}, agent {:.0}, ratio {:.2}",
+            per_sec(peer),
+            per_sec(agent),
+            per_sec(agent) / per_sec(peer)
+        )
+    };
     let (peer_one, agent_one) = one_rounds.medians();
     let ratio_one = per_sec(agent_one) / per_sec(peer_one);
     println!(
-        "1 association (median of {rounds}): storescu -> storescp (plain files) {:.0} instances/s {:.1} MB/s | storescu -> agent (encrypted, durable before success) {:.0} instances/s {:.1} MB/s | ratio {ratio_one:.2} | best rounds: storescp {:.0}, agent {:.0}, ratio {:.2}",
+        "1 association (median of {rounds}): storescu -> storescp (plain files) {:.0} instances/s {:.1} MB/s | storescu -> agent (encrypted, durable before success) {:.0} instances/s {:.1} MB/s | ratio {ratio_one:.2} | {}",
         per_sec(peer_one),
         mb_per_sec(peer_one),
         per_sec(agent_one),
         mb_per_sec(agent_one),
-        per_sec(one_rounds.best().0),
-        per_sec(one_rounds.best().1),
-        per_sec(one_rounds.best().1) / per_sec(one_rounds.best().0),
+        best_rounds(&one_rounds),
     );
     let many = match &many_rounds {
         Some(many_rounds) => {
             let (peer, agent) = many_rounds.medians();
             let ratio = per_sec(agent) / per_sec(peer);
-            let (peer_best, agent_best) = many_rounds.best();
             println!(
-                "{associations} associations at once (median of {rounds}): storescp --fork {:.0} instances/s {:.1} MB/s | agent {:.0} instances/s {:.1} MB/s | ratio {ratio:.2} | best rounds: storescp {:.0}, agent {:.0}, ratio {:.2}",
+                "{associations} associations at once (median of {rounds}): storescp --fork {:.0} instances/s {:.1} MB/s | agent {:.0} instances/s {:.1} MB/s | ratio {ratio:.2} | {}",
                 per_sec(peer),
                 mb_per_sec(peer),
                 per_sec(agent),
                 mb_per_sec(agent),
-                per_sec(peer_best),
-                per_sec(agent_best),
-                per_sec(agent_best) / per_sec(peer_best),
+                best_rounds(many_rounds),
             );
             format!(
                 " | {associations} assoc: agent {:.0} inst/s, storescp --fork {:.0} inst/s, ratio {ratio:.2}",
